@@ -1,0 +1,7 @@
+"""visalign: align image and video generators with reward signals.
+
+Importing the package loads no model, no optional dependency and touches no network (STYLE.md §2.7);
+everything heavy is imported on first use.
+"""
+
+__version__ = "0.1.0"

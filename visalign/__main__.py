@@ -1,0 +1,5 @@
+import sys
+
+from visalign.cli import main
+
+sys.exit(main())
