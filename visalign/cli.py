@@ -12,6 +12,7 @@ import sys
 
 COMMANDS: dict[str, str] = {
     "scorers": "visalign.commands.scorers",
+    "score": "visalign.commands.score",
 }
 
 

@@ -108,7 +108,8 @@ class Registry(Generic[T]):
             return obj  # type: ignore[return-value]
         if is_import_path(name):
             return import_object(name)  # type: ignore[return-value]
-        raise UnknownIdError(unknown_id_message(self.kind, name, self.list(), " Or pass an import path 'pkg.module:Name'."))
+        extra = " Or pass an import path 'pkg.module:Name'."
+        raise UnknownIdError(unknown_id_message(self.kind, name, self.list(), extra))
 
 
 def _qualname(obj: object) -> str:

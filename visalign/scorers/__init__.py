@@ -16,8 +16,8 @@ from typing import Any
 
 import torch
 
-from visalign.registry import Registry, import_object, is_import_path, unknown_id_message, UnknownIdError
-from visalign.scorers.base import RawScore, ScoreBatch, Scorer, ScoreOutput, WeightsUnavailableError
+from visalign.registry import Registry, UnknownIdError, import_object, is_import_path, unknown_id_message
+from visalign.scorers.base import RawScore, ScoreBatch, ScoreOutput, Scorer, WeightsUnavailableError
 from visalign.scorers.card import ScorerCard, add_card_dir, card_paths, load_card
 from visalign.scorers.wrap import CallableScorer, CallableTextScorer
 
@@ -85,6 +85,8 @@ def get_scorer(spec: str | Scorer | Callable[..., Any], *, device: str | torch.d
     if isinstance(obj, type) and issubclass(obj, Scorer):
         card = obj.default_card(obj.__name__.lower())  # type: ignore[attr-defined]
         return obj(card.with_overrides(params=params), device=device, dtype=dtype)
+    if isinstance(obj, type):  # a reward class such as OcrMatchReward: build it with the given params
+        obj = obj(**(params or {}))
     if callable(obj):
         wrapper = CallableTextScorer if modality == "text" else CallableScorer
         return wrapper(obj, modality=modality, device=device)

@@ -188,9 +188,11 @@ class Scorer:
             want = 5 if self.modality == "video" else 4
             if batch.media.ndim != want and not (self.modality == "image" and batch.media.ndim == 5):
                 shape = "[B, T, 3, H, W]" if want == 5 else "[B, 3, H, W]"
-                raise ValueError(f"Scorer {self.id!r} wants {self.modality} media {shape}; got {tuple(batch.media.shape)}.")
+                got = tuple(batch.media.shape)
+                raise ValueError(f"Scorer {self.id!r} wants {self.modality} media {shape}; got {got}.")
         if "reference" in self.needs and batch.references is None:
-            raise ValueError(f"Scorer {self.id!r} compares against references; pass --references / ScoreBatch(references=...).")
+            raise ValueError(f"Scorer {self.id!r} compares against references; pass ScoreBatch(references=...) "
+                             "(CLI: --references DIR).")
         if "question" in self.needs and not batch.metadata:
             raise ValueError(f"Scorer {self.id!r} needs questions in ScoreBatch.metadata[i]['questions'].")
 
