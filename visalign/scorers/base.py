@@ -163,14 +163,23 @@ class Scorer:
         self.check_batch(batch)
         self.ensure_loaded()
         batch = self._to_device(batch)
+        frames = batch.media.shape[1] if self.modality == "image" and batch.media is not None and \
+            batch.media.ndim == 5 else 0
+        if frames:  # an image scorer on videos scores every frame; the video's value is the mean over frames
+            batch = _frames_as_images(batch)
         # no_grad, not inference_mode: inference tensors cannot be saved for backward when a reward enters a loss.
         with torch.enable_grad() if grad else torch.no_grad():
             out = self.score_raw(batch)
             raw = out.values.float().reshape(-1)
+            if raw.shape[0] != len(batch):
+                raise RuntimeError(f"Scorer {self.id!r} returned {raw.shape[0]} scores for {len(batch)} samples.")
+            extras = out.extras
+            if frames:
+                per_frame = raw.reshape(-1, frames)
+                raw = per_frame.mean(dim=1)
+                extras = {"per_frame": per_frame}
             reward = self.card.normalizer(raw)
-        if raw.shape[0] != len(batch):
-            raise RuntimeError(f"Scorer {self.id!r} returned {raw.shape[0]} scores for {len(batch)} samples.")
-        return ScoreOutput(reward=reward, raw=raw, extras=out.extras)
+        return ScoreOutput(reward=reward, raw=raw, extras=extras)
 
     def ensure_loaded(self) -> None:
         if not self._loaded:
@@ -211,6 +220,17 @@ class Scorer:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(id={self.id!r}, modality={self.modality}, kind={self.kind})"
+
+
+def _frames_as_images(batch: ScoreBatch) -> ScoreBatch:
+    """``[B, T, 3, H, W]`` → ``[B·T, 3, H, W]`` with prompts, references and metadata repeated per frame."""
+    b, t = batch.media.shape[:2]
+    refs = batch.references
+    if refs is not None:
+        refs = refs.repeat_interleave(t, dim=0)
+    return ScoreBatch(prompts=[p for p in batch.prompts for _ in range(t)], media=batch.media.flatten(0, 1),
+                      texts=None, references=refs,
+                      metadata=[m for m in batch.metadata for _ in range(t)] if batch.metadata else None)
 
 
 def nan_to_range(values: Tensor, lo: float, hi: float) -> Tensor:

@@ -1,0 +1,135 @@
+"""``visalign score`` end to end through main(): happy paths and every bad input the issue lists."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from visalign.cli import main
+
+SAMPLES = Path(__file__).resolve().parents[1] / "assets" / "samples"
+
+
+def make_folder(tmp_path: Path, n: int = 4) -> Path:
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(folder / f"{i:02d}.png")
+    return folder
+
+
+def test_scores_the_shipped_samples_to_csv_with_summary(tmp_path, capsys):
+    out = tmp_path / "scores.csv"
+    code = main(["score", "--scorer", "brightness", "--images", str(SAMPLES),
+                 "--prompts", str(SAMPLES / "prompts.txt"), "--out", str(out), "--no-progress"])
+    assert code == 0
+    rows = list(csv.DictReader(out.open()))
+    assert len(rows) == len(list(SAMPLES.glob("*.png")))
+    assert rows[0]["prompt"] == (SAMPLES / "prompts.txt").read_text().splitlines()[0]
+    assert all(0 <= float(r["brightness"]) <= 1 for r in rows)
+    printed = capsys.readouterr().out
+    assert "reward_mean" in printed and "brightness" in printed
+
+
+def test_jsonl_output_and_batching_do_not_change_scores(tmp_path):
+    folder = make_folder(tmp_path, 5)
+    a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    assert main(["score", "--scorer", "brightness", "--images", str(folder), "--out", str(a), "--batch-size", "1",
+                 "--no-progress"]) == 0
+    assert main(["score", "--scorer", "brightness", "--images", str(folder), "--out", str(b), "--batch-size", "4",
+                 "--no-progress"]) == 0
+    ra = [json.loads(line)["reward"]["brightness"] for line in a.read_text().splitlines()]
+    rb = [json.loads(line)["reward"]["brightness"] for line in b.read_text().splitlines()]
+    assert len(ra) == 5 and np.allclose(ra, rb, atol=1e-6)
+
+
+def test_corrupt_files_are_reported_and_skipped(tmp_path, capsys):
+    folder = make_folder(tmp_path, 3)
+    (folder / "empty.png").write_bytes(b"")
+    (folder / "junk.jpg").write_bytes(b"not an image")
+    good = (folder / "00.png").read_bytes()
+    (folder / "truncated.png").write_bytes(good[: len(good) // 2])
+    out = tmp_path / "s.csv"
+    code = main(["score", "--scorer", "brightness", "--images", str(folder), "--out", str(out), "--no-progress"])
+    assert code == 3
+    rows = list(csv.DictReader(out.open()))
+    assert sorted(Path(r["file"]).name for r in rows) == ["00.png", "01.png", "02.png"]
+    err = capsys.readouterr().err
+    assert "skipped 3" in err and "empty.png" in err and "junk.jpg" in err and "truncated.png" in err
+
+
+def test_strict_stops_at_first_bad_file(tmp_path, capsys):
+    folder = make_folder(tmp_path, 2)
+    (folder / "01b.png").write_bytes(b"")
+    code = main(["score", "--scorer", "brightness", "--images", str(folder), "--out", str(tmp_path / "s.csv"),
+                 "--strict", "--no-progress"])
+    assert code == 1
+    assert "01b.png" in capsys.readouterr().err
+
+
+def run_error(args: list[str], capsys) -> str:
+    code = main(args + ["--no-progress"])
+    assert code == 2
+    return capsys.readouterr().err
+
+
+def test_folder_without_media(tmp_path, capsys):
+    (tmp_path / "notes.txt").write_text("hello")
+    err = run_error(["score", "--scorer", "brightness", "--images", str(tmp_path), "--out", str(tmp_path / "s.csv")],
+                    capsys)
+    assert str(tmp_path) in err and "no image media" in err
+
+
+def test_prompt_file_with_wrong_line_count(tmp_path, capsys):
+    folder = make_folder(tmp_path, 3)
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("one\ntwo\n")
+    err = run_error(["score", "--scorer", "brightness", "--images", str(folder), "--prompts", str(prompts),
+                     "--out", str(tmp_path / "s.csv")], capsys)
+    assert "p.txt" in err and "2 prompt lines" in err and "3 media files" in err
+
+
+def test_non_utf8_prompt_file(tmp_path, capsys):
+    folder = make_folder(tmp_path, 2)
+    prompts = tmp_path / "latin.txt"
+    prompts.write_bytes("caf\xe9 au lait\nna\xefve\n".encode("latin-1"))
+    err = run_error(["score", "--scorer", "brightness", "--images", str(folder), "--prompts", str(prompts),
+                     "--out", str(tmp_path / "s.csv")], capsys)
+    assert "latin.txt" in err and "UTF-8" in err and "line 1" in err
+
+
+def test_unknown_scorer_id(tmp_path, capsys):
+    folder = make_folder(tmp_path, 1)
+    err = run_error(["score", "--scorer", "brigthness", "--images", str(folder), "--out", str(tmp_path / "s.csv")],
+                    capsys)
+    assert "Unknown scorer 'brigthness'" in err and "brightness" in err
+
+
+def test_captions_table_pairs_by_file_name(tmp_path):
+    folder = make_folder(tmp_path, 2)
+    captions = tmp_path / "c.csv"
+    captions.write_text("file,prompt,extra\n01.png,second,x\n00.png,first,y\n")
+    out = tmp_path / "s.csv"
+    assert main(["score", "--scorer", "brightness", "--images", str(folder), "--captions", str(captions),
+                 "--out", str(out), "--no-progress"]) == 0
+    rows = {Path(r["file"]).name: r["prompt"] for r in csv.DictReader(out.open())}
+    assert rows == {"00.png": "first", "01.png": "second"}
+
+
+def test_video_folder_of_frames(tmp_path):
+    videos = tmp_path / "videos"
+    for name, value in (("a", 40), ("b", 200)):
+        (videos / name).mkdir(parents=True)
+        for t in range(3):
+            Image.new("RGB", (8, 8), (value, value, value)).save(videos / name / f"{t}.png")
+    out = tmp_path / "v.csv"
+    # brightness is an image scorer: on videos it scores every frame and averages
+    code = main(["score", "--scorer", "brightness", "--videos", str(videos), "--out", str(out), "--no-progress"])
+    assert code == 0
+    rows = list(csv.DictReader(out.open()))
+    assert [round(float(r["brightness"]), 2) for r in rows] == [round(40 / 255, 2), round(200 / 255, 2)]
