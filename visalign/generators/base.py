@@ -1,0 +1,622 @@
+"""The generator contract: one adapter interface over diffusers pipelines, with exact per-step log-probs.
+
+Every online objective (DDPO/GRPO, PRDP, DRAGON, ...) needs the same two things from a generator
+(DESIGN.md, Generators; METHODS.md §1–§3):
+
+1. ``rollout``: sample a batch together with its denoising trajectory and the log-probability of every
+   stochastic transition under the sampling policy (the *guided* sampler when CFG is on);
+2. ``step_log_prob``: recompute any step's log-probability under the current parameters, with gradients.
+
+A family adapter (``unet.py``, ``unet_video.py``, the flow-matching and CogVideoX files) implements a handful of
+hooks — ``encode_condition``, ``make_schedule``, ``latent_shape``, ``transition``, ``decode`` — and inherits the
+sampling loop, per-sample seeding, classifier-free guidance, training-step subsets, LoRA via peft, gradient
+checkpointing, attention back-end choice and diffusers-compatible save/load from this file.
+
+Log-prob convention (METHODS.md, "Log-prob reduction convention"): ``log_probs`` holds ``logp_mean`` (the per-element
+Gaussian log-density averaged over all non-batch dims, as ddpo-pytorch and flow_grpo report it) and
+``log_probs_sum`` the true log-density (``D · logp_mean``). Never mix the two within one run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+REDUCTIONS = ("mean", "sum")
+DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+          "fp16": torch.float16, "float16": torch.float16}
+
+
+# ---------------------------------------------------------------- data
+
+
+@dataclass
+class Condition:
+    """Everything the denoiser is conditioned on, for the conditional and (with CFG) the unconditional branch.
+
+    Attributes:
+        embeds: prompt embeddings, float ``[B, L, D]`` (one row per sample, already repeated per image).
+        negative_embeds: embeddings of the negative/empty prompt ``[B, L, D]``; None when guidance is off.
+        extras: other conditional inputs keyed by the denoiser's argument name, e.g. SDXL's
+            ``text_embeds [B, D_pool]`` and ``time_ids [B, 6]``; each tensor has batch first.
+        negative_extras: the same keys for the unconditional branch.
+    """
+
+    embeds: Tensor
+    negative_embeds: Tensor | None = None
+    extras: dict[str, Tensor] = field(default_factory=dict)
+    negative_extras: dict[str, Tensor] = field(default_factory=dict)
+
+    @property
+    def guided(self) -> bool:
+        return self.negative_embeds is not None
+
+    def select(self, index: Sequence[int]) -> Condition:
+        """The rows at ``index`` (to split a rollout into micro-batches)."""
+        idx = list(index)
+        neg = self.negative_embeds[idx] if self.negative_embeds is not None else None
+        return Condition(self.embeds[idx], neg, {k: v[idx] for k, v in self.extras.items()},
+                         {k: v[idx] for k, v in self.negative_extras.items()})
+
+
+@dataclass
+class SamplingPlan:
+    """The parts of a rollout a transition needs, besides the latents: enough to recompute a step exactly.
+
+    Attributes:
+        condition: the embeddings used while sampling.
+        timesteps: float or long ``[S]``, the denoiser's timestep at each step, in sampling order.
+        schedule: family-specific per-step values with a leading ``[S]`` dim (DDIM: ``prev_timesteps [S]``;
+            flow matching: ``sigmas [S+1]``).
+        guidance: classifier-free guidance scale w (``eps_u + w·(eps_c − eps_u)``); ≤ 1 means no CFG.
+        eta: stochasticity of each step: DDIM η for UNet families, the SDE noise level for flow families;
+            0 is the deterministic sampler (no density).
+    """
+
+    condition: Condition
+    timesteps: Tensor
+    schedule: dict[str, Tensor]
+    guidance: float
+    eta: float
+
+
+@dataclass
+class StepOutput:
+    """One stochastic transition ``x_t → x_{t'}`` and its Gaussian policy.
+
+    Attributes:
+        prev_sample: ``x_{t'}``, latents ``[B, ...]`` (the sampled one, or the one passed in to be scored).
+        mean: the policy mean ``mu``, float32 ``[B, ...]`` (carries gradients when the denoiser does).
+        std: the policy std, float32, broadcastable to ``mean`` (``[B, 1, ...]``); 0 for a deterministic step.
+        log_prob_mean: float32 ``[B]``, per-element log-density averaged over non-batch dims (NaN if std = 0).
+        log_prob_sum: float32 ``[B]``, the true log-density (``D · log_prob_mean``).
+    """
+
+    prev_sample: Tensor
+    mean: Tensor
+    std: Tensor
+    log_prob_mean: Tensor
+    log_prob_sum: Tensor
+
+
+@dataclass
+class Rollout:
+    """A sampled batch with its trajectory; enough to recompute any step exactly.
+
+    Attributes:
+        media: float32 in [0, 1]: images ``[B, 3, H, W]`` or videos ``[B, T, 3, H, W]``.
+        latents: ``[B, S+1, ...]``: ``latents[:, 0]`` is the initial noise, ``latents[:, i+1]`` the result of step i.
+        log_probs: float32 ``[B, S]``, ``logp_mean`` of each step under the sampling policy (NaN where η = 0).
+        log_probs_sum: float32 ``[B, S]``, ``logp_sum`` of each step.
+        timesteps: ``[S]``, the denoiser timestep of each step, in sampling order.
+        condition: conditional (and, with CFG, unconditional) embeddings, one row per sample.
+        prompts: ``list[str]`` of length B, prompt i repeated ``images_per_prompt`` times, grouped.
+        negative_prompts: ``list[str]`` of length B used for the unconditional branch ("" by default).
+        seeds: ``list[int]`` of length B; sample i's initial noise and step noise come from ``seeds[i]`` alone.
+        guidance: classifier-free guidance scale used.
+        eta: DDIM η / SDE noise level used.
+        schedule: family-specific per-step values (see :class:`SamplingPlan`).
+        extras: anything else a family records (e.g. ``{"height": 64, "width": 64}``).
+    """
+
+    media: Tensor
+    latents: Tensor
+    log_probs: Tensor
+    log_probs_sum: Tensor
+    timesteps: Tensor
+    condition: Condition
+    prompts: list[str]
+    negative_prompts: list[str]
+    seeds: list[int]
+    guidance: float
+    eta: float
+    schedule: dict[str, Tensor] = field(default_factory=dict)
+    extras: dict[str, Any] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return self.latents.shape[0]
+
+    @property
+    def num_steps(self) -> int:
+        return self.latents.shape[1] - 1
+
+    @property
+    def plan(self) -> SamplingPlan:
+        return SamplingPlan(self.condition, self.timesteps, self.schedule, self.guidance, self.eta)
+
+    def select(self, index: Sequence[int]) -> Rollout:
+        """The samples at ``index`` (micro-batches). Recompute log-probs with the *same* batch composition as
+        the rollout when bit-exact ratios matter: some kernels change their result with the batch size."""
+        idx = list(index)
+        return Rollout(self.media[idx], self.latents[idx], self.log_probs[idx], self.log_probs_sum[idx],
+                       self.timesteps, self.condition.select(idx), [self.prompts[i] for i in idx],
+                       [self.negative_prompts[i] for i in idx], [self.seeds[i] for i in idx], self.guidance,
+                       self.eta, self.schedule, dict(self.extras))
+
+
+@dataclass
+class LoraSpec:
+    """How to attach LoRA adapters to the denoiser (peft).
+
+    Attributes:
+        rank: LoRA rank r (width of the low-rank update).
+        alpha: LoRA alpha; the update is scaled by alpha / rank.
+        target_modules: names (or suffixes) of the denoiser's linear/conv layers to adapt.
+        dropout: dropout on the LoRA branch; keep 0 for RL, where dropout breaks the ratio-1 invariant.
+        init: peft's ``init_lora_weights`` ("gaussian" as in diffusers' training scripts; True = zero B matrix).
+    """
+
+    rank: int = 4
+    alpha: float = 4.0
+    target_modules: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
+    dropout: float = 0.0
+    init: str | bool = "gaussian"
+
+    def __post_init__(self) -> None:
+        if self.rank < 1:
+            raise ValueError(f"LoRA rank must be ≥ 1; got {self.rank}.")
+        if not self.target_modules:
+            raise ValueError("LoRA target_modules is empty; name at least one denoiser layer, e.g. ['to_q', 'to_v'].")
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def per_sample_seeds(seed: int, batch_size: int) -> list[int]:
+    """Seeds ``seed, seed+1, ...``: sample i is reproducible on its own, whatever batch it is drawn in."""
+    return [int(seed) + i for i in range(batch_size)]
+
+
+def sample_generators(seeds: Sequence[int]) -> list[torch.Generator]:
+    """One CPU generator per sample. CPU, so the same seed gives the same noise on every device (as diffusers'
+    ``randn_tensor`` does with CPU generators)."""
+    return [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
+
+
+def randn_per_sample(generators: Sequence[torch.Generator], shape: Sequence[int], *, device: torch.device | str,
+                     dtype: torch.dtype) -> Tensor:
+    """Standard normal noise ``[B, *shape]`` where row i is drawn from ``generators[i]`` alone (diffusers'
+    ``randn_tensor`` with a list of generators draws the same values)."""
+    rows = [torch.randn((1, *shape), generator=g, device="cpu", dtype=dtype) for g in generators]
+    return torch.cat(rows).to(device)
+
+
+def guide(pred_uncond: Tensor, pred_cond: Tensor, guidance: float) -> Tensor:
+    """Classifier-free guidance ``u + w·(c − u)``; the policy that rollouts sample from and training rescores."""
+    return pred_uncond + guidance * (pred_cond - pred_uncond)
+
+
+def uses_cfg(guidance: float) -> bool:
+    """diffusers' rule: guidance is on when the scale is above 1."""
+    return guidance > 1.0
+
+
+def select_train_steps(num_steps: int, *, fraction: float | None = None,
+                       window: tuple[int, int] | None = None) -> list[int]:
+    """Which denoising steps to train on (a subset of a rollout's S steps), in sampling order.
+
+    Args:
+        num_steps: S, the number of steps in the rollout.
+        fraction: train the first ``floor(fraction·S)`` steps (flow_grpo's ``timestep_fraction``; the high-noise
+            steps come first). ``1.0`` trains every step.
+        window: explicit half-open ``(start, stop)`` range of step indices (Flow-GRPO-Fast / MixGRPO style).
+
+    Returns:
+        Sorted step indices; pass them to :meth:`GeneratorAdapter.step_log_prob`.
+    """
+    if num_steps < 1:
+        raise ValueError(f"num_steps must be ≥ 1; got {num_steps}.")
+    if fraction is not None and window is not None:
+        raise ValueError("Give either a timestep fraction or an explicit window, not both.")
+    if window is not None:
+        start, stop = window
+        if not 0 <= start < stop <= num_steps:
+            raise ValueError(f"Step window {window} must satisfy 0 <= start < stop <= {num_steps} (rollout steps).")
+        return list(range(start, stop))
+    fraction = 1.0 if fraction is None else fraction
+    if not 0.0 < fraction <= 1.0:
+        raise ValueError(f"timestep fraction must be in (0, 1]; got {fraction}.")
+    count = int(num_steps * fraction)
+    if count < 1:
+        raise ValueError(f"fraction {fraction} of {num_steps} steps trains none; raise it to >= {1 / num_steps:.3g}.")
+    return list(range(count))
+
+
+def gaussian_log_prob(sample: Tensor, mean: Tensor, std: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-sample log-density of ``sample`` under ``N(mean, std²)``, reduced over non-batch dims.
+
+    The sample enters as a constant (detached): gradients flow only through ``mean`` (METHODS.md §1 Checks).
+
+    Args:
+        sample, mean: ``[B, ...]`` (computed in float32).
+        std: broadcastable to ``mean``; must be > 0.
+
+    Returns:
+        ``(logp_mean [B], logp_sum [B])``, float32.
+    """
+    sample = sample.detach().float()
+    mean = mean.float()
+    std = std.float().expand_as(mean)
+    elem = -((sample - mean) ** 2) / (2 * std**2) - torch.log(std) - 0.5 * math.log(2 * math.pi)
+    flat = elem.flatten(1)
+    return flat.mean(dim=1), flat.sum(dim=1)
+
+
+# ---------------------------------------------------------------- the adapter
+
+
+class GeneratorAdapter:
+    """Base class of every generator family. Wraps one loaded diffusers pipeline.
+
+    Subclasses set ``family``/``modality``/``pipeline_classes`` and implement the hooks marked "to implement".
+    All parameters start frozen; :meth:`add_lora` or :meth:`train_full` makes the trainable ones.
+
+    Args:
+        pipeline: a loaded diffusers pipeline of one of ``pipeline_classes``.
+        device: where the pipeline runs.
+        dtype: compute dtype of the denoiser/VAE/text encoders (log-prob arithmetic is always float32).
+        source: the model id or folder it was loaded from (recorded in saved checkpoints).
+    """
+
+    family: str = ""
+    modality: str = "image"
+    pipeline_classes: tuple[str, ...] = ()
+    denoiser_name: str = "unet"
+
+    def __init__(self, pipeline: Any, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+                 source: str | None = None) -> None:
+        self.pipeline = pipeline
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.source = source
+        self.lora: LoraSpec | None = None
+        self.full_finetune = False
+        pipeline.to(self.device, dtype)
+        for module in self.modules().values():
+            module.requires_grad_(False)
+            module.eval()  # dropout off: it would make the recomputed log-prob differ from the rollout's
+        self.set_attention()
+
+    # -- loading --
+    @classmethod
+    def from_pretrained(cls, model_id_or_dir: str | Path, *, dtype: torch.dtype | str = torch.float32,
+                        device: str | torch.device = "cpu", lora: str | Path | None = None,
+                        **pipeline_kwargs: Any) -> GeneratorAdapter:
+        """Load a pipeline (hub id or local folder, safetensors only) and wrap it; optionally load a LoRA folder."""
+        pipeline_cls = cls.pipeline_type()
+        dtype = resolve_dtype(dtype)
+        pipeline = pipeline_cls.from_pretrained(str(model_id_or_dir), torch_dtype=dtype, use_safetensors=True,
+                                                **pipeline_kwargs)
+        adapter = cls(pipeline, device=device, dtype=dtype, source=str(model_id_or_dir))
+        if lora is not None:
+            adapter.load(lora)
+        return adapter
+
+    @classmethod
+    def pipeline_type(cls) -> type:
+        import diffusers
+
+        return getattr(diffusers, cls.pipeline_classes[0])
+
+    # -- to implement --
+    def encode_condition(self, prompts: list[str], negative_prompts: list[str], guidance: float) -> Condition:
+        """Prompt embeddings for B prompts (and the negatives when ``uses_cfg(guidance)``)."""
+        raise NotImplementedError
+
+    def make_schedule(self, steps: int) -> tuple[Tensor, dict[str, Tensor]]:
+        """``(timesteps [S], schedule)`` for ``steps`` inference steps (read from the pipeline's scheduler)."""
+        raise NotImplementedError
+
+    def latent_shape(self, height: int, width: int, num_frames: int | None) -> tuple[int, ...]:
+        """Per-sample latent shape for a resolution (and frame count for video)."""
+        raise NotImplementedError
+
+    def initial_noise_scale(self) -> float:
+        """Scale of the initial latents (the scheduler's ``init_noise_sigma``)."""
+        return float(getattr(self.pipeline.scheduler, "init_noise_sigma", 1.0))
+
+    def transition(self, plan: SamplingPlan, latents: Tensor, step_index: int, *, prev_sample: Tensor | None = None,
+                   noise: Tensor | None = None) -> StepOutput:
+        """One step from ``latents`` (``x_t``, ``[B, ...]``) under ``plan``: sample ``x_{t'} = mean + std·noise``, or,
+        when ``prev_sample`` is given, score that sample instead. Gradients follow torch's grad mode."""
+        raise NotImplementedError
+
+    def decode(self, latents: Tensor, *, grad: bool = False) -> Tensor:
+        """Final latents → media float32 in [0, 1] (``[B, 3, H, W]`` or ``[B, T, 3, H, W]``)."""
+        raise NotImplementedError
+
+    def default_resolution(self) -> tuple[int, int]:
+        """(height, width) in pixels used when none is given."""
+        raise NotImplementedError
+
+    def vae_scale_factor(self) -> int:
+        return int(getattr(self.pipeline, "vae_scale_factor", 8))
+
+    # -- the contract --
+    def rollout(self, prompts: Sequence[str], *, images_per_prompt: int = 1, steps: int = 20, guidance: float = 5.0,
+                eta: float = 1.0, seed: int = 0, negative_prompt: str | Sequence[str] | None = None,
+                height: int | None = None, width: int | None = None, num_frames: int | None = None) -> Rollout:
+        """Sample ``len(prompts) · images_per_prompt`` media with their trajectory and per-step log-probs.
+
+        Args:
+            prompts: the prompts; each is repeated ``images_per_prompt`` times consecutively (a GRPO group).
+            images_per_prompt: samples per prompt.
+            steps: number of denoising steps S.
+            guidance: CFG scale w; ≤ 1 turns CFG off.
+            eta: DDIM η / SDE noise level; > 0 for log-probs, 0 reproduces the stock deterministic sampler.
+            seed: sample i uses seed ``seed + i`` for its initial noise and all its step noise.
+            negative_prompt: one string for all, or one per prompt; "" by default.
+            height, width: pixels; must be divisible by the VAE factor. Default: the model's native size.
+            num_frames: video families only.
+
+        Returns:
+            A :class:`Rollout` (no autograd graph).
+        """
+        prompts_rep, negatives_rep = self._expand_prompts(prompts, images_per_prompt, negative_prompt)
+        if steps < 1:
+            raise ValueError(f"steps must be ≥ 1; got {steps}.")
+        if eta < 0:
+            raise ValueError(f"eta / noise level must be ≥ 0; got {eta}.")
+        height, width = self._check_resolution(height, width)
+        seeds = per_sample_seeds(seed, len(prompts_rep))
+        generators = sample_generators(seeds)
+        with torch.no_grad():
+            condition = self.encode_condition(prompts_rep, negatives_rep, guidance)
+            timesteps, schedule = self.make_schedule(steps)
+            plan = SamplingPlan(condition, timesteps, schedule, float(guidance), float(eta))
+            shape = self.latent_shape(height, width, num_frames)
+            latents = randn_per_sample(generators, shape, device=self.device, dtype=self.dtype)
+            latents = latents * self.initial_noise_scale()
+            trajectory, logp_mean, logp_sum = [latents], [], []
+            for i in range(len(timesteps)):
+                noise = None
+                if eta > 0:
+                    noise = randn_per_sample(generators, shape, device=self.device, dtype=torch.float32)
+                out = self.transition(plan, latents, i, noise=noise)
+                latents = out.prev_sample
+                trajectory.append(latents)
+                logp_mean.append(out.log_prob_mean)
+                logp_sum.append(out.log_prob_sum)
+            media = self.decode(latents)
+        return Rollout(media=media, latents=torch.stack(trajectory, dim=1), log_probs=torch.stack(logp_mean, 1),
+                       log_probs_sum=torch.stack(logp_sum, 1), timesteps=timesteps, condition=condition,
+                       prompts=prompts_rep, negative_prompts=negatives_rep, seeds=seeds, guidance=float(guidance),
+                       eta=float(eta), schedule=schedule, extras={"height": height, "width": width,
+                                                                   "num_frames": num_frames})
+
+    def recompute_step(self, rollout: Rollout, step_index: int) -> StepOutput:
+        """Step ``step_index`` of ``rollout`` under the current parameters, with gradients: its ``mean``, ``std``
+        and the log-prob of the stored ``x_{t'}`` (use ``mean``/``std`` for closed-form KL to a reference)."""
+        if not 0 <= step_index < rollout.num_steps:
+            raise IndexError(f"step index {step_index} is out of range for a rollout of {rollout.num_steps} steps.")
+        with torch.enable_grad():
+            return self.transition(rollout.plan, rollout.latents[:, step_index], step_index,
+                                   prev_sample=rollout.latents[:, step_index + 1])
+
+    def step_log_prob(self, rollout: Rollout, step_indices: Sequence[int] | Tensor, *,
+                      reduction: str = "mean") -> Tensor:
+        """Log-probs of the rollout's own transitions at ``step_indices`` under the current parameters.
+
+        Args:
+            rollout: from :meth:`rollout` (use the same batch composition for bit-exact on-policy ratios).
+            step_indices: which steps, e.g. from :func:`select_train_steps`.
+            reduction: ``"mean"`` (logp_mean, default) or ``"sum"`` (logp_sum, the true log-density).
+
+        Returns:
+            float32 ``[B, len(step_indices)]``, differentiable w.r.t. :meth:`trainable_parameters`.
+        """
+        if reduction not in REDUCTIONS:
+            raise ValueError(f"reduction must be one of {REDUCTIONS}; got {reduction!r}.")
+        columns = []
+        for i in [int(i) for i in step_indices]:
+            out = self.recompute_step(rollout, i)
+            columns.append(out.log_prob_mean if reduction == "mean" else out.log_prob_sum)
+        if not columns:
+            raise ValueError("step_indices is empty; pass at least one step index.")
+        return torch.stack(columns, dim=1)
+
+    # -- parameters --
+    @property
+    def denoiser(self) -> torch.nn.Module:
+        return getattr(self.pipeline, self.denoiser_name)
+
+    def modules(self) -> dict[str, torch.nn.Module]:
+        """The pipeline's torch modules by component name."""
+        return {k: v for k, v in self.pipeline.components.items() if isinstance(v, torch.nn.Module)}
+
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        """Parameters with ``requires_grad`` (LoRA weights, or the whole denoiser after :meth:`train_full`)."""
+        return [p for m in self.modules().values() for p in m.parameters() if p.requires_grad]
+
+    def add_lora(self, spec: LoraSpec | None = None) -> list[torch.nn.Parameter]:
+        """Attach fresh LoRA adapters (peft) to the denoiser; only they become trainable.
+
+        LoRA weights are kept in float32 even when the base runs in bf16/fp16 (diffusers' ``cast_training_params``),
+        so optimizer updates are not lost to rounding. Returns the trainable parameters.
+        """
+        from peft import LoraConfig
+
+        spec = spec or LoraSpec()
+        if self.lora is not None or self.full_finetune:
+            raise RuntimeError("This generator already has trainable weights (LoRA or full); load a fresh one.")
+        config = LoraConfig(r=spec.rank, lora_alpha=spec.alpha, target_modules=list(spec.target_modules),
+                            lora_dropout=spec.dropout, init_lora_weights=spec.init)
+        try:
+            self.denoiser.add_adapter(config)
+        except ValueError as err:
+            raise ValueError(f"LoRA target_modules {spec.target_modules} do not fit this {self.family} denoiser "
+                             f"({err}); name layers it has, e.g. ['to_q', 'to_k', 'to_v', 'to_out.0'].") from None
+        self.lora = spec
+        self._mark_lora_trainable()
+        return self.trainable_parameters()
+
+    def _mark_lora_trainable(self) -> None:
+        for name, param in self.denoiser.named_parameters():
+            if "lora_" in name:
+                param.requires_grad_(True)
+                param.data = param.data.float()
+
+    def train_full(self) -> list[torch.nn.Parameter]:
+        """Make every denoiser parameter trainable (full fine-tune); other components stay frozen."""
+        if self.lora is not None:
+            raise RuntimeError("This generator has LoRA adapters; full fine-tuning is for a generator without them.")
+        self.full_finetune = True
+        self.denoiser.requires_grad_(True)
+        return self.trainable_parameters()
+
+    @contextlib.contextmanager
+    def lora_disabled(self) -> Iterator[None]:
+        """Run the base model (the KL reference) by switching the LoRA adapters off inside the block."""
+        if self.lora is None:
+            raise RuntimeError("lora_disabled() needs LoRA adapters; this generator has none.")
+        self.denoiser.disable_adapters()
+        try:
+            yield
+        finally:
+            self.denoiser.enable_adapters()
+
+    def set_gradient_checkpointing(self, enabled: bool = True) -> None:
+        """Trade compute for memory in :meth:`step_log_prob` (recompute activations in backward)."""
+        if enabled:
+            self.denoiser.enable_gradient_checkpointing()
+        else:
+            self.denoiser.disable_gradient_checkpointing()
+
+    def set_attention(self, backend: str = "auto") -> str:
+        """Pick the attention kernel: ``"sdpa"`` (torch's, the default), ``"xformers"`` (needs the ``[gpu]`` extra
+        and CUDA), or ``"auto"`` (xformers when importable on CUDA, else SDPA). Returns the one chosen."""
+        if backend not in ("auto", "sdpa", "xformers"):
+            raise ValueError(f"attention backend must be 'auto', 'sdpa' or 'xformers'; got {backend!r}.")
+        has_xformers = importlib.util.find_spec("xformers") is not None
+        on_cuda = self.device.type == "cuda"
+        if backend == "xformers" and not (has_xformers and on_cuda):
+            raise ValueError("attention='xformers' needs CUDA and xformers: pip install \"visalign[gpu]\"; "
+                             "or use attention='sdpa'.")
+        if backend == "xformers" or (backend == "auto" and has_xformers and on_cuda):
+            self.pipeline.enable_xformers_memory_efficient_attention()
+            return "xformers"
+        # diffusers' default processors already call torch SDPA; nothing to switch.
+        return "sdpa"
+
+    # -- checkpoints --
+    def save(self, directory: str | Path) -> Path:
+        """Write the trainable weights: LoRA → ``pytorch_lora_weights.safetensors`` that stock diffusers reads with
+        ``pipe.load_lora_weights(dir)``; full fine-tune → a complete diffusers pipeline folder (safetensors)."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        if self.lora is not None:
+            self._save_lora(directory)
+        elif self.full_finetune:
+            self.pipeline.save_pretrained(directory, safe_serialization=True)
+        else:
+            raise RuntimeError("Nothing to save: this generator has no LoRA and no full fine-tune. Call add_lora() or "
+                               "train_full() first, or save the pipeline itself with pipeline.save_pretrained().")
+        return directory
+
+    def _save_lora(self, directory: Path) -> None:
+        from diffusers.utils import convert_state_dict_to_diffusers
+        from peft.utils import get_peft_model_state_dict
+
+        layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(self.denoiser))
+        metadata = self.denoiser.peft_config["default"].to_dict()
+        self.pipeline.save_lora_weights(directory, **{f"{self.denoiser_name}_lora_layers": layers,
+                                                      f"{self.denoiser_name}_lora_adapter_metadata": metadata})
+
+    def load(self, directory: str | Path) -> None:
+        """Load LoRA weights saved by :meth:`save` (or any diffusers LoRA folder) and make them trainable.
+
+        A full fine-tune folder is a pipeline: load it with :func:`visalign.generators.load_generator` instead.
+        """
+        directory = Path(directory)
+        if (directory / "model_index.json").is_file():
+            raise ValueError(f"{directory} is a full pipeline folder, not a LoRA; load it with "
+                             "load_generator(that folder) instead of load().")
+        if not any(directory.glob("*.safetensors")):
+            raise FileNotFoundError(f"{directory}: no LoRA weights (*.safetensors); point at a folder written by "
+                                    "GeneratorAdapter.save() or pipe.save_lora_weights().")
+        if self.lora is not None:
+            raise RuntimeError("This generator already has LoRA adapters; load the LoRA into a fresh generator.")
+        try:
+            self.pipeline.load_lora_weights(str(directory), adapter_name="default")
+        except (RuntimeError, ValueError) as err:
+            if "size mismatch" in str(err) or "shape" in str(err):
+                msg = (f"The LoRA in {directory} was trained for a different base model than {self.source!r} "
+                       f"(weight shapes differ). Load it on the base model it was trained on.\n{err}")
+                raise ValueError(msg) from None
+            raise
+        config = self.denoiser.peft_config["default"]
+        self.lora = LoraSpec(rank=config.r, alpha=config.lora_alpha, target_modules=sorted(config.target_modules),
+                             dropout=config.lora_dropout)
+        self._mark_lora_trainable()
+
+    # -- input checks --
+    def _expand_prompts(self, prompts: Sequence[str], images_per_prompt: int,
+                        negative_prompt: str | Sequence[str] | None) -> tuple[list[str], list[str]]:
+        if isinstance(prompts, str):
+            raise TypeError("prompts must be a list of strings, not a single string; wrap it: [prompt].")
+        prompts = list(prompts)
+        if not prompts:
+            raise ValueError("The prompt list is empty; pass at least one prompt.")
+        if images_per_prompt < 1:
+            raise ValueError(f"images_per_prompt must be ≥ 1; got {images_per_prompt}.")
+        if negative_prompt is None or isinstance(negative_prompt, str):
+            negatives = [negative_prompt or ""] * len(prompts)
+        else:
+            negatives = list(negative_prompt)
+            if len(negatives) != len(prompts):
+                raise ValueError(f"Got {len(prompts)} prompts but {len(negatives)} negative prompts; pass one string "
+                                 "or one negative per prompt.")
+        repeat = [i for i in range(len(prompts)) for _ in range(images_per_prompt)]
+        return [prompts[i] for i in repeat], [negatives[i] for i in repeat]
+
+    def _check_resolution(self, height: int | None, width: int | None) -> tuple[int, int]:
+        default_h, default_w = self.default_resolution()
+        height, width = height or default_h, width or default_w
+        factor = self.vae_scale_factor() * getattr(self, "resolution_multiple", 1)
+        for name, value in (("height", height), ("width", width)):
+            if value % factor:
+                lower, upper = value - value % factor, value - value % factor + factor
+                raise ValueError(f"{name}={value} px is not divisible by {factor} (this model's VAE/patch factor); "
+                                 f"use {lower or upper} or {upper}.")
+        return height, width
+
+    def __repr__(self) -> str:
+        train = f"lora(r={self.lora.rank})" if self.lora else ("full" if self.full_finetune else "frozen")
+        return f"{type(self).__name__}(family={self.family!r}, source={self.source!r}, dtype={self.dtype}, {train})"
+
+
+def resolve_dtype(dtype: torch.dtype | str) -> torch.dtype:
+    """``torch.float32``/``"fp32"``/``"bf16"``/``"fp16"`` → a torch dtype; raises naming the accepted spellings."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise ValueError(f"Unknown dtype {dtype!r}; use one of {sorted(DTYPES)}.")
+    return DTYPES[dtype]
