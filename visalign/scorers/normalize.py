@@ -88,8 +88,34 @@ class Prob:
         return (0.0, 1.0)
 
 
-Normalizer = Identity | Affine | Sigmoid | Prob
-NORMALIZERS: dict[str, type] = {cls.kind: cls for cls in (Identity, Affine, Sigmoid, Prob)}
+@dataclass(frozen=True)
+class Target:
+    """reward = 1 within ``tolerance`` of ``target``, falling linearly to 0 over a further ``falloff``.
+
+    For counts with a preferred value, such as a completion's length: with target 200, tolerance 50 and
+    falloff 100, raw 240 → 1, raw 300 → 0.5, raw 400 → 0 (and the same below the target).
+    """
+
+    target: float
+    tolerance: float = 0.0
+    falloff: float = 1.0
+    kind: ClassVar[str] = "target"
+
+    def __post_init__(self) -> None:
+        if self.tolerance < 0 or self.falloff <= 0:
+            raise ValueError(f"target normalisation needs tolerance >= 0 and falloff > 0; got tolerance "
+                             f"{self.tolerance}, falloff {self.falloff}.")
+
+    def __call__(self, raw: Tensor) -> Tensor:
+        excess = ((raw - self.target).abs() - self.tolerance).clamp_min(0.0)
+        return (1.0 - excess / self.falloff).clamp(0.0, 1.0)  # clamp keeps NaN ("does not apply") as NaN
+
+    def output_range(self, raw_range: tuple[float, float]) -> tuple[float, float]:
+        return (0.0, 1.0)
+
+
+Normalizer = Identity | Affine | Sigmoid | Prob | Target
+NORMALIZERS: dict[str, type] = {cls.kind: cls for cls in (Identity, Affine, Sigmoid, Prob, Target)}
 
 
 def build_normalizer(spec: dict[str, Any] | None) -> Normalizer:
