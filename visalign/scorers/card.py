@@ -7,10 +7,10 @@ or :func:`add_card_dir`. A card's file stem is its id.
 
 from __future__ import annotations
 
+import importlib
 import os
 from dataclasses import dataclass, field, replace
 from functools import cached_property
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -125,7 +125,8 @@ def package_data_dir(package: str, source_folder: str) -> Path:
     working tree, where ``visalign.cards`` is not a sub-folder, so fall back to the repository layout.
     """
     try:
-        return Path(str(resources.files(package)))
+        # Cards are data folders without __init__.py (namespace packages): read the folder from __path__.
+        return Path(next(iter(importlib.import_module(package).__path__)))
     except ModuleNotFoundError:
         folder = Path(__file__).resolve().parents[2] / source_folder
         if folder.is_dir():
