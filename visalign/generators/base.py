@@ -299,8 +299,10 @@ class GeneratorAdapter:
         self.source = source
         self.lora: LoraSpec | None = None
         self.full_finetune = False
-        pipeline.to(self.device, dtype)
+        pipeline.to(self.device)
         for module in self.modules().values():
+            if getattr(module, "dtype", dtype) != dtype:  # from_pretrained(dtype=...) already cast; avoid re-casting
+                module.to(dtype)
             module.requires_grad_(False)
             module.eval()  # dropout off: it would make the recomputed log-prob differ from the rollout's
         self.set_attention()
@@ -313,7 +315,7 @@ class GeneratorAdapter:
         """Load a pipeline (hub id or local folder, safetensors only) and wrap it; optionally load a LoRA folder."""
         pipeline_cls = cls.pipeline_type()
         dtype = resolve_dtype(dtype)
-        pipeline = pipeline_cls.from_pretrained(str(model_id_or_dir), torch_dtype=dtype, use_safetensors=True,
+        pipeline = pipeline_cls.from_pretrained(str(model_id_or_dir), dtype=dtype, use_safetensors=True,
                                                 **pipeline_kwargs)
         adapter = cls(pipeline, device=device, dtype=dtype, source=str(model_id_or_dir))
         if lora is not None:
@@ -327,8 +329,10 @@ class GeneratorAdapter:
         return getattr(diffusers, cls.pipeline_classes[0])
 
     # -- to implement --
-    def encode_condition(self, prompts: list[str], negative_prompts: list[str], guidance: float) -> Condition:
-        """Prompt embeddings for B prompts (and the negatives when ``uses_cfg(guidance)``)."""
+    def encode_condition(self, prompts: list[str], negative_prompts: list[str], guidance: float, *, height: int,
+                         width: int) -> Condition:
+        """Prompt embeddings for B prompts (and the negatives when ``uses_cfg(guidance)``); ``height``/``width`` in
+        pixels are for families whose conditioning includes the size (SDXL's ``time_ids``)."""
         raise NotImplementedError
 
     def make_schedule(self, steps: int) -> tuple[Tensor, dict[str, Tensor]]:
@@ -389,7 +393,7 @@ class GeneratorAdapter:
         seeds = per_sample_seeds(seed, len(prompts_rep))
         generators = sample_generators(seeds)
         with torch.no_grad():
-            condition = self.encode_condition(prompts_rep, negatives_rep, guidance)
+            condition = self.encode_condition(prompts_rep, negatives_rep, guidance, height=height, width=width)
             timesteps, schedule = self.make_schedule(steps)
             plan = SamplingPlan(condition, timesteps, schedule, float(guidance), float(eta))
             shape = self.latent_shape(height, width, num_frames)
