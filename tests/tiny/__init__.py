@@ -14,6 +14,7 @@ from visalign.registry import import_object
 from visalign.scorers import Scorer, get_scorer, scorer_card
 
 BUILDERS: dict[str, str] = {
+    "visalign.scorers.text:SequenceClassificationScorer": "tests.tiny.text:build_sequence_classifier",
 }
 
 
