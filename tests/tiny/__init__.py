@@ -15,6 +15,7 @@ from visalign.scorers import Scorer, get_scorer, scorer_card
 
 BUILDERS: dict[str, str] = {
     "visalign.scorers.text:SequenceClassificationScorer": "tests.tiny.text:build_sequence_classifier",
+    "visalign.scorers.vlm_yes:VlmYesScorer": "tests.tiny.vlm:build_vlm_yes",
 }
 
 

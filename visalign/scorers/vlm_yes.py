@@ -1,0 +1,349 @@
+"""Yes-token scoring with a vision-language model: reward = P("Yes" | media, question) (VQAScore).
+
+References: VQAScore, Lin et al., arXiv 2404.01291, whose template and P(Yes) we follow
+(linzhiqiu/t2v_metrics ``t2v_metrics/models/vqascore_models/qwen2vl_model.py``); the renormalised
+P(yes)/(P(yes)+P(no)) as in X-GenGroup/Flow-Factory ``src/flow_factory/rewards/vllm_evaluate.py``; the pairwise
+"is A better than the reference B" form from RewardDance (arXiv 2509.08826). See METHODS.md §12 (VQAScore).
+
+How a batch is scored, in ONE teacher-forced forward pass (no ``generate`` loop):
+
+1. Each sample becomes one or more *queries*: a chat conversation (optional system text and text-only in-context
+   examples from the card, then a user turn with the image(s) and the question) rendered by the model's own chat
+   template with ``add_generation_prompt=True``, so the next token is the answer.
+2. All queries of the batch are left-padded together and run through the model; the logits at the last position
+   (the answer position) are read. With right padding the last non-padded position is gathered instead, so the
+   padding side and the batch composition do not change a score.
+3. P(yes) = Σ softmax(logits)[v] over the distinct single-token "Yes" variants v of *this* tokenizer
+   (``"Yes"``, ``" Yes"``, ``"yes"``, ``" yes"`` by default: chat templates differ in whether a space precedes the
+   answer, and models differ in its case). P(no) likewise; the renormalised score is P(yes)/(P(yes)+P(no)).
+
+Modes (``params.mode``): ``pointwise``; ``pairwise`` against ``batch.references`` with both image orders averaged,
+s = ½(P(yes | a, b) + 1 − P(yes | b, a)); ``multi-question``, the mean over questions from
+``metadata[i]["questions"]`` or the card's ``params.questions``. Videos are F uniformly sampled frames passed as
+several images. Family differences (system turn, differentiable pixel preprocessing) live in
+:mod:`visalign.scorers.vlm_families`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from visalign.scorers.base import RawScore, ScoreBatch, Scorer, WeightsUnavailableError
+from visalign.scorers.card import ScorerCard
+from visalign.scorers.vlm_families import VlmFamily, family_for
+
+DEFAULT_TEMPLATE = 'Does this figure show "{prompt}"? Please answer Yes or No.'
+DEFAULT_PAIRWISE_TEMPLATE = (
+    "Is the first image better than the second with respect to {criteria}? Please answer Yes or No."
+)
+MODES = ("pointwise", "pairwise", "multi-question")
+SCORES = ("p_yes", "p_yes_renorm")
+
+
+def answer_token_ids(tokenizer: Any, words: list[str]) -> list[int]:
+    """The distinct single-token ids that spell any of ``words``, with and without a leading space.
+
+    ``"Yes"`` is looked up as the vocabulary entry ``Yes`` and as the encodings of ``"Yes"`` and ``" Yes"``; only
+    encodings that are exactly one token count (a variant split into pieces is not the model saying "Yes" in one
+    step). Byte-level BPE (Qwen, SmolVLM) yields ``Yes``/``ĠYes``, SentencePiece (LLaVA's Llama) ``▁Yes``.
+
+    Returns:
+        Sorted list of token ids; empty when no variant is a single token.
+    """
+    vocab = tokenizer.get_vocab()
+    ids: set[int] = set()
+    for word in words:
+        if word in vocab:
+            ids.add(int(vocab[word]))
+        for text in (word, " " + word):
+            encoded = tokenizer.encode(text, add_special_tokens=False)
+            if len(encoded) == 1:
+                ids.add(int(encoded[0]))
+    return sorted(ids)
+
+
+def sample_frames(video: Tensor, num_frames: int) -> Tensor:
+    """``num_frames`` frames spread uniformly over a clip (first and last included); all of them if fewer.
+
+    Args:
+        video: float in [0, 1], ``[T, 3, H, W]``.
+
+    Returns:
+        float ``[min(T, num_frames), 3, H, W]``, differentiable with respect to ``video``.
+    """
+    total = video.shape[0]
+    if total <= num_frames:
+        return video
+    index = torch.linspace(0, total - 1, num_frames, device=video.device).round().long()
+    return video[index]
+
+
+class VlmYesScorer(Scorer):
+    """P("Yes") of a transformers vision-language model (Qwen2-VL / Qwen2.5-VL, LLaVA, Idefics3 / SmolVLM).
+
+    Card ``weights``: ``hub_id`` or ``local_dir`` (a folder with ``config.json``, safetensors weights and the
+    processor files); optional ``processor_id``. Card ``params``:
+
+    * ``mode``: ``pointwise`` | ``pairwise`` | ``multi-question`` (default ``pointwise``).
+    * ``template``: the question, formatted with ``{prompt}`` (and ``{criteria}`` in pairwise mode).
+    * ``criteria``: pairwise criteria, formatted with ``{prompt}``.
+    * ``swap_average``: pairwise only; also ask with the images swapped and average (default true).
+    * ``questions``: multi-question templates with ``{prompt}``, used when ``metadata[i]`` has no ``questions``.
+    * ``question_template``: wraps each multi-question question (default ``"{question} Please answer Yes or No."``).
+    * ``score``: which value is ``raw``, ``p_yes`` or ``p_yes_renorm``; the other is in ``extras``.
+    * ``yes_words`` / ``no_words``: answer words (default ``["Yes", "yes"]`` / ``["No", "no"]``).
+    * ``system``: instructions placed before the conversation; ``examples``: text-only in-context turns,
+      ``[{prompt: ..., answer: Yes}]`` (or ``question:`` instead of ``prompt:``).
+    * ``num_frames``: frames sampled from a video (default 8). ``family``: force a family from vlm_families.
+    * ``trust_remote_code``: let transformers run code shipped with the weights (default false; only for
+      checkpoints you trust).
+
+    Example (tiny random model; real cards point at hub ids):
+
+    >>> from tests.tiny import build_tiny_scorer  # doctest: +SKIP
+    >>> scorer = build_tiny_scorer("vqascore-qwen2-vl-2b", tmp)  # doctest: +SKIP
+    >>> out = scorer(ScoreBatch(prompts=["a red circle"], media=torch.rand(1, 3, 32, 32)))  # doctest: +SKIP
+    >>> out.reward.shape, sorted(out.extras)  # doctest: +SKIP
+    (torch.Size([1]), ['p_yes', 'p_yes_renorm'])
+    """
+
+    def __init__(self, card: ScorerCard, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
+        super().__init__(card, device=device, dtype=dtype)
+        p = card.params
+        self.mode = str(p.get("mode", "pointwise"))
+        self.score_name = str(p.get("score", "p_yes"))
+        where = f"in card {card.id!r}"
+        if self.mode not in MODES:
+            raise ValueError(f"params.mode {self.mode!r} {where} must be one of {MODES}.")
+        if self.score_name not in SCORES:
+            raise ValueError(f"params.score {self.score_name!r} {where} must be one of {SCORES}.")
+        default = DEFAULT_PAIRWISE_TEMPLATE if self.mode == "pairwise" else DEFAULT_TEMPLATE
+        self.template = str(p.get("template", default))
+        self.criteria = str(p.get("criteria", 'how well it matches the prompt "{prompt}"'))
+        self.swap_average = bool(p.get("swap_average", True))
+        self.questions = [str(q) for q in p.get("questions", [])]
+        self.question_template = str(p.get("question_template", "{question} Please answer Yes or No."))
+        self.yes_words = [str(w) for w in p.get("yes_words", ["Yes", "yes"])]
+        self.no_words = [str(w) for w in p.get("no_words", ["No", "no"])]
+        self.system = p.get("system")
+        self.examples = list(p.get("examples", []))
+        self.num_frames = int(p.get("num_frames", 8))
+        if self.num_frames < 1:
+            raise ValueError(f"params.num_frames {self.num_frames} {where} must be >= 1.")
+
+    # ------------------------------------------------------------------ loading
+    def _source(self) -> str:
+        w = self.card.weights
+        if w.get("local_dir"):
+            folder = Path(str(w["local_dir"])).expanduser()
+            if not (folder / "config.json").is_file():
+                raise WeightsUnavailableError(
+                    f"Scorer {self.id!r}: local_dir {str(folder)!r} has no config.json; point it at a folder saved "
+                    "with model.save_pretrained() and processor.save_pretrained().")
+            return str(folder)
+        if w.get("hub_id"):
+            return str(w["hub_id"])
+        raise ValueError(f"Card {self.id!r} names no weights; set weights.hub_id or weights.local_dir.")
+
+    def load(self) -> None:
+        from transformers import AutoModelForImageTextToText, AutoProcessor
+
+        source = self._source()
+        processor_source = str(self.card.weights.get("processor_id") or source)
+        trust = bool(self.card.params.get("trust_remote_code", False))
+        try:
+            processor = AutoProcessor.from_pretrained(processor_source, trust_remote_code=trust)
+            model = AutoModelForImageTextToText.from_pretrained(source, dtype=self.dtype, use_safetensors=True,
+                                                                trust_remote_code=trust)
+        except (OSError, ValueError) as err:
+            raise WeightsUnavailableError(
+                f"Scorer {self.id!r} could not load {source!r}: the weights are not in the local Hugging Face cache "
+                "and the hub is unreachable or disabled (HF_HUB_OFFLINE). Download them once on a machine with "
+                f"network (`hf download {source}`), or pass a local folder: get_scorer({self.id!r}, "
+                f"weights='/path/to/folder'). Cause: {type(err).__name__}: {err}") from err
+        model.to(self.device).eval()
+        model.requires_grad_(False)  # gradients are for the pixels, never the judge
+        self.family: VlmFamily = family_for(model.config.model_type, self.card.params.get("family"))
+        # Left padding puts every row's answer position at index -1, so only that position's logits are computed.
+        processor.tokenizer.padding_side = "left"
+        tokenizer = processor.tokenizer
+        self.yes_ids = answer_token_ids(tokenizer, self.yes_words)
+        self.no_ids = answer_token_ids(tokenizer, self.no_words)
+        for words, ids in ((self.yes_words, self.yes_ids), (self.no_words, self.no_ids)):
+            if not ids:
+                raise ValueError(f"Scorer {self.id!r}: no variant of {words} is a single token for the tokenizer of "
+                                 f"{source!r}; set params.yes_words/no_words to words it spells in one token.")
+        shared = set(self.yes_ids) & set(self.no_ids)
+        if shared:
+            raise ValueError(f"Scorer {self.id!r}: yes and no answers share token ids {sorted(shared)}.")
+        self.processor, self.model = processor, model
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()
+        for key in ("processor", "model", "family", "yes_ids", "no_ids"):
+            state.pop(key, None)  # reloaded lazily in the worker, like the weights
+        return state
+
+    # ------------------------------------------------------------------ conversation
+    def render(self, question: str, num_images: int) -> str:
+        """The chat-template text of one query, ending where the model's answer starts.
+
+        Args:
+            question: the final user question.
+            num_images: how many image placeholders precede it in the user turn.
+        """
+        system = str(self.system) if self.system else ""
+        messages: list[dict[str, Any]] = []
+        if system and self.family.system_turn:
+            messages.append({"role": "system", "content": [{"type": "text", "text": system}]})
+        for example in self.examples:
+            asked = example.get("question") or self.template.format(prompt=example.get("prompt", ""),
+                                                                    criteria=example.get("criteria", ""))
+            messages.append({"role": "user", "content": [{"type": "text", "text": str(asked)}]})
+            messages.append({"role": "assistant", "content": [{"type": "text", "text": str(example["answer"])}]})
+        user = [{"type": "image"}] * num_images + [{"type": "text", "text": question}]
+        messages.append({"role": "user", "content": user})
+        if system and not self.family.system_turn:
+            # A template without a system turn (LLaVA-1.5) would drop the instructions; fold them into the first
+            # user text instead.
+            first = messages[0]["content"]
+            text_part = next(c for c in first if c["type"] == "text")
+            text_part["text"] = f"{system}\n{text_part['text']}"
+        return self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+    # ------------------------------------------------------------------ the forward pass
+    def answer_probs(self, images: list[list[Tensor]], questions: list[str]) -> tuple[Tensor, Tensor]:
+        """P(yes) and P(yes)/(P(yes)+P(no)) for N queries, in one forward pass.
+
+        Args:
+            images: per query, its images, each float in [0, 1] ``[3, H, W]`` (all images the same size).
+            questions: per query, the user question.
+
+        Returns:
+            ``(p_yes, p_yes_renorm)``, each float32 ``[N]`` in [0, 1]; differentiable in ``images`` when grad is
+            enabled and the family has a tensor preprocessing path.
+        """
+        texts = [self.render(q, len(ims)) for q, ims in zip(questions, images, strict=True)]
+        detached = [[im.detach().float().cpu() for im in ims] for ims in images]
+        # Pixels arrive as floats already in [0, 1]: the processor must not divide them by 255 again.
+        inputs = dict(self.processor(text=texts, images=detached, padding=True, return_tensors="pt",
+                                     do_rescale=False))
+        flat = [im for ims in images for im in ims]
+        if torch.is_grad_enabled() and any(im.requires_grad for im in flat):
+            inputs.update(self._tensor_pixels(torch.stack(flat), inputs))
+        inputs = {k: v.to(self.device, self.dtype if v.is_floating_point() else None) if isinstance(v, Tensor) else v
+                  for k, v in inputs.items()}
+        mask = inputs["attention_mask"]
+        if bool(mask[:, -1].all()):
+            logits = self.model(**inputs, logits_to_keep=1).logits[:, -1]
+        else:  # right padding: gather each row's last real position
+            last = (mask * torch.arange(mask.shape[1], device=mask.device)).argmax(dim=1)
+            logits = self.model(**inputs).logits[torch.arange(mask.shape[0], device=mask.device), last]
+        logp = torch.log_softmax(logits.float(), dim=-1)
+        lse_yes = torch.logsumexp(logp[:, self.yes_ids], dim=-1)
+        lse_no = torch.logsumexp(logp[:, self.no_ids], dim=-1)
+        return lse_yes.exp(), torch.sigmoid(lse_yes - lse_no)
+
+    def _tensor_pixels(self, stacked: Tensor, inputs: dict[str, Any]) -> dict[str, Tensor]:
+        if self.family.tensor_pixels is None:
+            raise ValueError(f"Scorer {self.id!r}: family {self.family.name!r} has no differentiable pixel path; "
+                             "its card must say differentiable: false.")
+        pixels = self.family.tensor_pixels(self.processor.image_processor, stacked.float())
+        for key in self.family.pixel_keys:
+            if tuple(pixels[key].shape) != tuple(inputs[key].shape):
+                raise RuntimeError(f"Scorer {self.id!r}: tensor preprocessing gave {key} {tuple(pixels[key].shape)} "
+                                   f"but the processor gave {tuple(inputs[key].shape)}; the processor config is not "
+                                   "one the differentiable path reproduces.")
+        return pixels
+
+    # ------------------------------------------------------------------ modes
+    def _visuals(self, media: Tensor) -> list[list[Tensor]]:
+        """Per sample, the images the model sees: ``[B, 3, H, W]`` → one each; ``[B, T, 3, H, W]`` → F frames."""
+        if media.ndim == 4:
+            return [[m] for m in media]
+        return [list(sample_frames(v, self.num_frames)) for v in media]
+
+    def _reference_visuals(self, references: Tensor, media_ndim: int) -> list[list[list[Tensor]]]:
+        """Per sample, a list of K references (each a list of images)."""
+        if references.ndim == media_ndim:
+            return [[v] for v in self._visuals(references)]
+        if references.ndim == 5 and media_ndim == 4:  # [B, K, 3, H, W]: K still references per sample
+            return [[[r] for r in refs] for refs in references]
+        raise ValueError(f"Scorer {self.id!r}: references of shape {tuple(references.shape)} do not fit media with "
+                         f"{media_ndim} dims; pass [B, 3, H, W] or [B, K, 3, H, W] for images, [B, T, 3, H, W] for "
+                         "videos.")
+
+    def score_raw(self, batch: ScoreBatch) -> RawScore:
+        visuals = self._visuals(batch.media)
+        if self.mode == "pairwise":
+            p_yes, p_renorm, extras = self._pairwise(batch, visuals)
+        elif self.mode == "multi-question":
+            p_yes, p_renorm, extras = self._multi_question(batch, visuals)
+        else:
+            questions = [self.template.format(prompt=p) for p in batch.prompts]
+            p_yes, p_renorm = self.answer_probs(visuals, questions)
+            extras = {}
+        extras.update(p_yes=p_yes, p_yes_renorm=p_renorm)
+        return RawScore(p_yes if self.score_name == "p_yes" else p_renorm, extras)
+
+    def _pairwise(self, batch: ScoreBatch, visuals: list[list[Tensor]]) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+        if batch.references is None:
+            raise ValueError(f"Scorer {self.id!r} compares against references; pass ScoreBatch(references=...).")
+        refs = self._reference_visuals(batch.references, batch.media.ndim)
+        images, questions, owner = [], [], []
+        for i, prompt in enumerate(batch.prompts):
+            question = self.template.format(prompt=prompt, criteria=self.criteria.format(prompt=prompt))
+            for ref in refs[i]:
+                orders = [visuals[i] + ref, ref + visuals[i]] if self.swap_average else [visuals[i] + ref]
+                images += orders
+                questions += [question] * len(orders)
+                owner.append(i)
+        p_yes, p_renorm = self.answer_probs(images, questions)
+        per_order = len(images) // len(owner)
+        owner_t = torch.tensor(owner, device=p_yes.device)
+
+        def combine(p: Tensor) -> tuple[Tensor, Tensor]:
+            p = p.view(len(owner), per_order)
+            # Averaging the two orders cancels position bias: s(a, b) = 1 − s(b, a) by construction.
+            s = 0.5 * (p[:, 0] + 1.0 - p[:, 1]) if self.swap_average else p[:, 0]
+            mean = torch.zeros(len(batch), device=p.device).index_add(0, owner_t, s)
+            counts = torch.bincount(owner_t, minlength=len(batch)).to(p.dtype)
+            return mean / counts, p
+
+        yes, yes_orders = combine(p_yes)
+        renorm, _ = combine(p_renorm)
+        extras = {"p_yes_forward": yes_orders[:, 0].detach()}
+        if self.swap_average:
+            extras["p_yes_swapped"] = yes_orders[:, 1].detach()
+        return yes, renorm, extras
+
+    def _multi_question(self, batch: ScoreBatch,
+                        visuals: list[list[Tensor]]) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+        per_sample: list[list[str]] = []
+        for i, prompt in enumerate(batch.prompts):
+            meta = batch.metadata[i] if batch.metadata is not None else {}
+            asked = meta.get("questions") if meta else None
+            asked = list(asked) if asked else [q.format(prompt=prompt) for q in self.questions]
+            if not asked:
+                raise ValueError(f"Scorer {self.id!r}: sample {i} has no questions; pass metadata[i]['questions'] or "
+                                 "set params.questions in the card.")
+            per_sample.append([self.question_template.format(question=q) for q in asked])
+        width = max(len(qs) for qs in per_sample)
+        images = [visuals[i] for i, qs in enumerate(per_sample) for _ in qs]
+        questions = [q for qs in per_sample for q in qs]
+        rows = torch.tensor([i for i, qs in enumerate(per_sample) for _ in qs])
+        cols = torch.tensor([j for qs in per_sample for j in range(len(qs))])
+        p_yes, p_renorm = self.answer_probs(images, questions)
+
+        def grid(p: Tensor) -> Tensor:
+            # NaN marks "this sample has fewer questions"; means skip it.
+            out = torch.full((len(batch), width), float("nan"), device=p.device, dtype=p.dtype)
+            return out.index_put((rows.to(p.device), cols.to(p.device)), p)
+
+        yes_grid, renorm_grid = grid(p_yes), grid(p_renorm)
+        chosen = yes_grid if self.score_name == "p_yes" else renorm_grid
+        return yes_grid.nanmean(dim=1), renorm_grid.nanmean(dim=1), {"per_question": chosen.detach()}
