@@ -297,7 +297,8 @@ def grade_images(images: np.ndarray, prompts: Sequence[str | PromptSpec]) -> Ora
     >>> from visalign.shapes.world import sample_scene
     >>> spec = parse_prompt("a green triangle above a cyan circle")
     >>> image = render_scene(sample_scene(spec, np.random.default_rng(0)))
-    >>> grade_images(image[None], ["a green triangle above a cyan circle", "a cyan circle above a green triangle"]).all
+    >>> prompts = ["a green triangle above a cyan circle", "a cyan circle above a green triangle"]
+    >>> grade_images(np.stack([image, image]), prompts).all
     array([ True, False])
     """
     specs = _specs(prompts, len(images))
