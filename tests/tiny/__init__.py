@@ -14,6 +14,8 @@ from visalign.registry import import_object
 from visalign.scorers import Scorer, get_scorer, scorer_card
 
 BUILDERS: dict[str, str] = {
+    "visalign.scorers.remote:RemoteYesScorer": "tests.tiny.remote:build_tiny_remote",
+    "visalign.scorers.distributional:DistributionalScorer": "tests.tiny.distributional:build_tiny_distributional",
     "visalign.scorers.text:SequenceClassificationScorer": "tests.tiny.text:build_sequence_classifier",
     "visalign.scorers.vlm_yes:VlmYesScorer": "tests.tiny.vlm:build_vlm_yes",
 }
