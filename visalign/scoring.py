@@ -80,8 +80,8 @@ def read_prompts_file(path: str | os.PathLike[str], n_files: int) -> list[str]:
     return lines
 
 
-def read_captions_table(path: str | os.PathLike[str]) -> dict[str, dict[str, Any]]:
-    """A JSONL or CSV table with a ``file`` column and a ``prompt`` (or ``caption``) column → file name → row."""
+def read_table(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
+    """Rows of a ``.jsonl`` (one JSON object per line) or ``.csv`` (with a header) file."""
     path = Path(path)
     if path.suffix.lower() == ".jsonl":
         rows = []
@@ -92,10 +92,15 @@ def read_captions_table(path: str | os.PathLike[str]) -> dict[str, dict[str, Any
                 rows.append(json.loads(line))
             except json.JSONDecodeError as err:
                 raise InputError(f"{path}: line {i} is not valid JSON ({err.msg}).") from None
-    elif path.suffix.lower() == ".csv":
-        rows = list(csv.DictReader(read_text_lines(path)))
-    else:
-        raise InputError(f"{path}: captions must be .jsonl or .csv (with 'file' and 'prompt' columns).")
+        return rows
+    if path.suffix.lower() == ".csv":
+        return list(csv.DictReader(read_text_lines(path)))
+    raise InputError(f"{path}: tables must be .jsonl or .csv.")
+
+
+def read_captions_table(path: str | os.PathLike[str]) -> dict[str, dict[str, Any]]:
+    """A JSONL or CSV table with a ``file`` column and a ``prompt`` (or ``caption``) column → file name → row."""
+    rows = read_table(path)
     table: dict[str, dict[str, Any]] = {}
     for i, row in enumerate(rows, 1):
         if not isinstance(row, dict) or "file" not in row:

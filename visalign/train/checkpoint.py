@@ -1,0 +1,114 @@
+"""Atomic, resumable training checkpoints (safetensors + JSON; no pickle).
+
+A checkpoint is a folder ``checkpoints/step-000010/`` holding the trainable weights (``weights.safetensors``),
+the optimizer's tensors (``optimizer.safetensors``), RNG states and EMA, and ``state.json`` (step, data position,
+scheduler, stateful reward transforms, optimizer hyper-parameters). It is written into a temporary sibling
+folder and renamed into place only when complete, and ``COMPLETE`` is its last file: a crash mid-write leaves
+a ``.tmp-*`` folder that :func:`latest_checkpoint` ignores (and the next save removes).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+PREFIX = "step-"
+MARKER = "COMPLETE"
+
+
+def checkpoint_dir(run_dir: str | Path) -> Path:
+    return Path(run_dir) / "checkpoints"
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    """The newest complete checkpoint of a run, or None."""
+    root = checkpoint_dir(run_dir)
+    if not root.is_dir():
+        return None
+    done = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(PREFIX) and (p / MARKER).is_file()]
+    return max(done, key=lambda p: int(p.name[len(PREFIX):]), default=None)
+
+
+def _flatten_optimizer(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, Any] = {}
+    for index, entry in state["state"].items():
+        for key, value in entry.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"{index}.{key}"] = value.detach().cpu().contiguous()
+            else:
+                scalars[f"{index}.{key}"] = value
+    return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
+
+
+def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict[str, Any]:
+    state: dict[int, dict[str, Any]] = {}
+    for name, value in [*tensors.items(), *meta["scalars"].items()]:
+        index, key = name.split(".", 1)
+        state.setdefault(int(index), {})[key] = value
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+def save_checkpoint(run_dir: str | Path, step: int, *, params: dict[str, torch.Tensor],
+                    optimizer: torch.optim.Optimizer, extra_tensors: dict[str, torch.Tensor],
+                    state: dict[str, Any], keep_last: int) -> Path:
+    """Write checkpoint ``step`` atomically and prune to the newest ``keep_last``.
+
+    Args:
+        params: name → trainable tensor (saved exactly, in their dtype).
+        optimizer: its ``state_dict()`` is split into tensors (safetensors) and plain values (JSON).
+        extra_tensors: RNG states, EMA shadow weights, ... (name → tensor).
+        state: JSON-serialisable run state (step, data position, scheduler, transforms...).
+    """
+    root = checkpoint_dir(run_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    for stale in root.glob("*.tmp-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    final = root / f"{PREFIX}{step:06d}"
+    tmp = root / f"{final.name}.tmp-{os.getpid()}"
+    tmp.mkdir()
+    save_file({k: v.detach().cpu().contiguous() for k, v in params.items()}, str(tmp / "weights.safetensors"))
+    opt_tensors, opt_meta = _flatten_optimizer(optimizer.state_dict())
+    save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
+    save_file({k: v.detach().cpu().contiguous() for k, v in extra_tensors.items()}, str(tmp / "extra.safetensors"))
+    (tmp / "state.json").write_text(json.dumps({**state, "optimizer": opt_meta}, indent=1))
+    _fsync_dir(tmp)
+    (tmp / MARKER).write_text(str(step))
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    _fsync_dir(root)
+    done = sorted((p for p in root.iterdir() if p.is_dir() and p.name.startswith(PREFIX) and (p / MARKER).is_file()),
+                  key=lambda p: int(p.name[len(PREFIX):].split(".")[0]))
+    for old in done[:-keep_last]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, torch.Tensor],
+                                               dict[str, Any]]:
+    """``(params, optimizer_state_dict, extra_tensors, state)`` of a checkpoint folder."""
+    path = Path(path)
+    if not (path / MARKER).is_file():
+        raise FileNotFoundError(f"{path} is not a complete checkpoint (no {MARKER} file); pick another one.")
+    state = json.loads((path / "state.json").read_text())
+    optimizer = _unflatten_optimizer(load_file(str(path / "optimizer.safetensors")), state.pop("optimizer"))
+    return (load_file(str(path / "weights.safetensors")), optimizer, load_file(str(path / "extra.safetensors")),
+            state)
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,163 @@
+"""The typed config of one training run, assembled from small sections (STYLE.md §2.4).
+
+A YAML recipe in ``pipelines/`` maps section names to fields; ``visalign train RECIPE key.sub=value`` overrides
+any field. Every field's help string is its only documentation (``visalign train --help-config`` prints them).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from visalign.config import apply_overrides, from_dict, load_yaml
+from visalign.train.advantages import AdvantageConfig
+
+
+@dataclass
+class ModelConfig:
+    model: str = field(default="", metadata={"help": "Generator: a hub id or a local diffusers pipeline folder."})
+    dtype: str = field(default="float32", metadata={"help": "Compute dtype: float32, bfloat16 or float16."})
+    device: str = field(default="cpu", metadata={"help": "Device for the generator and scorers (cpu, cuda)."})
+    lora_rank: int = field(default=8, metadata={"help": "LoRA rank r; 0 fine-tunes the whole denoiser instead."})
+    lora_alpha: float = field(default=8.0, metadata={"help": "LoRA alpha (the update is scaled by alpha / rank)."})
+    lora_targets: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"],
+                                    metadata={"help": "Denoiser layer names that get LoRA adapters."})
+    gradient_checkpointing: bool = field(default=False,
+                                         metadata={"help": "Recompute activations in backward to save memory."})
+    resolution: int | None = field(default=None, metadata={"help": "Image side in pixels; null = the model's own."})
+
+    def __post_init__(self) -> None:
+        if not self.model:
+            raise ValueError("model.model is empty: give a hub id or a local pipeline folder.")
+        if self.lora_rank < 0:
+            raise ValueError(f"model.lora_rank must be >= 0 (0 = full fine-tune); got {self.lora_rank}.")
+
+
+@dataclass
+class SampleConfig:
+    prompts: str = field(default="", metadata={"help": "Training prompts: a .txt (one per line) or .jsonl/.csv "
+                                                        "with a 'prompt' column."})
+    prompts_per_step: int = field(default=4, metadata={"help": "Distinct prompts sampled per iteration."})
+    images_per_prompt: int = field(default=4, metadata={"help": "Samples per prompt: the group size G of the "
+                                                                "advantage normalisation (≥ 2)."})
+    steps: int = field(default=10, metadata={"help": "Denoising steps per rollout."})
+    guidance: float = field(default=4.0, metadata={"help": "Classifier-free guidance scale (≤ 1 disables CFG)."})
+    eta: float = field(default=1.0, metadata={"help": "DDIM η / SDE noise level of rollouts (> 0 for log-probs)."})
+    negative_prompt: str = field(default="", metadata={"help": "Negative prompt of the unconditional branch."})
+    train_fraction: float = field(default=1.0, metadata={"help": "Train on the first ⌊f·steps⌋ steps of each "
+                                                                 "rollout (flow_grpo's timestep_fraction)."})
+    train_steps_per_update: int | None = field(default=None, metadata={
+        "help": "Random subset of that many trained steps per update (ddpo-style); null = all of them."})
+
+    def __post_init__(self) -> None:
+        if not self.prompts:
+            raise ValueError("sample.prompts is empty: give a prompt file (.txt, .jsonl or .csv).")
+        if self.images_per_prompt < 2:
+            raise ValueError(f"sample.images_per_prompt must be >= 2 (a group needs two samples to compare); "
+                             f"got {self.images_per_prompt}.")
+        if self.prompts_per_step < 1 or self.steps < 1:
+            raise ValueError("sample.prompts_per_step and sample.steps must be >= 1.")
+
+
+@dataclass
+class RewardConfig:
+    terms: list[Any] = field(default_factory=list, metadata={
+        "help": "Scorers: ids, or mappings {scorer, weight, transform, name, params}."})
+    aggregation: Any = field(default="weighted-sum", metadata={
+        "help": "weighted-sum | gdpo | pareto | worst-case | mean-minus-var (or {kind: ..., params})."})
+    advantage: AdvantageConfig = field(default_factory=AdvantageConfig, metadata={
+        "help": "Group advantage normalisation."})
+
+    def __post_init__(self) -> None:
+        if not self.terms:
+            raise ValueError("reward.terms is empty: name at least one scorer, e.g. terms: [brightness].")
+
+
+@dataclass
+class ObjectiveConfig:
+    name: str = field(default="grpo", metadata={"help": "Objective id: grpo, prdp, dragon, raft."})
+    params: dict[str, Any] = field(default_factory=dict, metadata={"help": "Objective hyper-parameters."})
+    pareto: bool = field(default=False, metadata={"help": "Parrot-style: only the batch's non-dominated samples "
+                                                          "(over the reward terms) carry the update."})
+    uncertainty_weights: bool = field(default=True, metadata={
+        "help": "Multiply per-sample losses by extras['weight'] of uncertainty-aware scorers when present."})
+
+
+@dataclass
+class OptimConfig:
+    lr: float = field(default=1e-4, metadata={"help": "AdamW learning rate."})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay."})
+    betas: tuple[float, float] = field(default=(0.9, 0.999), metadata={"help": "AdamW betas."})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "Clip the global grad norm to this (0 = off)."})
+    warmup_steps: int = field(default=0, metadata={"help": "Linear learning-rate warm-up, in optimizer steps."})
+    ema_decay: float | None = field(default=None, metadata={"help": "EMA of trainable weights (e.g. 0.99); null = "
+                                                                    "off. Eval and the final save use the EMA."})
+
+
+@dataclass
+class EvalConfig:
+    prompts: str | None = field(default=None, metadata={"help": "Held-out prompt file; null = no evaluation."})
+    every: int = field(default=0, metadata={"help": "Evaluate every N iterations (0 = only at start and end)."})
+    scorers: list[Any] = field(default_factory=list, metadata={
+        "help": "Held-out scorers (ids); default: the training reward terms."})
+    steps: int | None = field(default=None, metadata={"help": "Sampling steps for eval; null = sample.steps."})
+    eta: float = field(default=0.0, metadata={"help": "η / noise level for eval samples (0 = deterministic)."})
+    max_prompts: int = field(default=16, metadata={"help": "At most this many eval prompts (first N)."})
+    seed: int = field(default=1234, metadata={"help": "Eval seed: the same noise every time, so evals pair."})
+
+
+@dataclass
+class RunConfig:
+    output_dir: str = field(default="runs/train", metadata={"help": "Run folder: config, metrics, grids, "
+                                                                    "checkpoints, final weights."})
+    iterations: int = field(default=50, metadata={"help": "Rollout → score → update iterations."})
+    seed: int = field(default=0, metadata={"help": "Seed of prompts, noise and step subsets."})
+    checkpoint_every: int = field(default=10, metadata={"help": "Save a resumable checkpoint every N iterations."})
+    keep_last: int = field(default=2, metadata={"help": "Keep this many checkpoints (older ones are deleted)."})
+    grid_every: int = field(default=0, metadata={"help": "Write an image grid of the eval prompts every N "
+                                                         "iterations (0 = at start and end)."})
+    tensorboard: bool = field(default=True, metadata={"help": "Also log to TensorBoard when it is installed."})
+    wandb: bool = field(default=False, metadata={"help": "Also log to Weights & Biases (needs wandb installed)."})
+    progress: bool = field(default=True, metadata={"help": "Show a tqdm progress bar with the live reward."})
+
+    def __post_init__(self) -> None:
+        if self.iterations < 1 or self.checkpoint_every < 1 or self.keep_last < 1:
+            raise ValueError("run.iterations, run.checkpoint_every and run.keep_last must be >= 1.")
+
+
+@dataclass
+class TrainConfig:
+    model: ModelConfig = field(metadata={"help": "The generator and how it is trained."})
+    sample: SampleConfig = field(metadata={"help": "Rollouts: prompts, group size, sampler."})
+    reward: RewardConfig = field(metadata={"help": "The reward: scorers, transforms, aggregation, advantages."})
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig, metadata={"help": "The objective."})
+    optim: OptimConfig = field(default_factory=OptimConfig, metadata={"help": "Optimizer and schedule."})
+    eval: EvalConfig = field(default_factory=EvalConfig, metadata={"help": "Held-out evaluation."})
+    run: RunConfig = field(default_factory=RunConfig, metadata={"help": "Output, length, checkpoints, logs."})
+
+
+def load_train_config(recipe: str | Path | None, overrides: list[str] | None = None) -> TrainConfig:
+    """Read a recipe (or nothing), apply ``key.sub=value`` overrides, validate, and return the config.
+
+    Relative prompt paths are resolved against the recipe's folder when they exist there, else the working folder.
+    """
+    data = load_yaml(recipe) if recipe else {}
+    data = apply_overrides(data, overrides or [])
+    for section in ("model", "sample", "reward"):
+        if section not in data:
+            raise ValueError(f"The recipe has no '{section}' section; see pipelines/ for examples.")
+    config = from_dict(TrainConfig, data)
+    if recipe:
+        base = Path(recipe).resolve().parent
+        config.sample.prompts = _resolve(config.sample.prompts, base)
+        if config.eval.prompts:
+            config.eval.prompts = _resolve(config.eval.prompts, base)
+        config.model.model = _resolve(config.model.model, base)
+    return config
+
+
+def _resolve(path: str, base: Path) -> str:
+    if Path(path).is_absolute() or Path(path).exists() or not (base / path).exists():
+        return path
+    return str(base / path)
