@@ -14,8 +14,10 @@ from visalign.registry import import_object
 from visalign.scorers import Scorer, get_scorer, scorer_card
 
 BUILDERS: dict[str, str] = {
-    "visalign.scorers.remote:RemoteYesScorer": "tests.tiny.remote:build_tiny_remote",
+    "visalign.scorers.clip:ClipScorer": "tests.tiny.clip:build_clip_scorer",
     "visalign.scorers.distributional:DistributionalScorer": "tests.tiny.distributional:build_tiny_distributional",
+    "visalign.scorers.remote:RemoteYesScorer": "tests.tiny.remote:build_tiny_remote",
+    "visalign.scorers.embedding_head:EmbeddingHeadScorer": "tests.tiny.clip:build_embedding_head_scorer",
     "visalign.scorers.text:SequenceClassificationScorer": "tests.tiny.text:build_sequence_classifier",
     "visalign.scorers.vlm_yes:VlmYesScorer": "tests.tiny.vlm:build_vlm_yes",
 }
