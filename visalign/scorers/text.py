@@ -49,10 +49,14 @@ class SequenceClassificationScorer(Scorer):
         ``ScoreOutput`` with ``raw [B]`` float32 = the label's logit (unbounded); the card usually maps it with
         a sigmoid.
 
+    >>> import tempfile
+    >>> from tests.tiny.text import write_tiny_text_rm  # a random-init BERT RM; pass a real checkpoint's folder
     >>> from visalign.scorers import ScoreBatch, get_scorer
-    >>> scorer = get_scorer("text-rm-deberta", weights=tiny_text_rm_dir)  # doctest: +SKIP
-    >>> scorer(ScoreBatch(prompts=["2+2?"], texts=["4"])).raw.shape  # doctest: +SKIP
-    torch.Size([1])
+    >>> folder = write_tiny_text_rm(tempfile.mkdtemp())
+    >>> scorer = get_scorer("text-rm-deberta", weights=str(folder))
+    >>> out = scorer(ScoreBatch(prompts=["what colour is it ?", "what shape"], texts=["red", "a circle"]))
+    >>> out.raw.shape, bool(((out.reward > 0) & (out.reward < 1)).all())
+    (torch.Size([2]), True)
     """
 
     def __init__(self, card: ScorerCard, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
