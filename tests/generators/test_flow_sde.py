@@ -25,7 +25,7 @@ def test_noise_level_zero_is_the_euler_step(mode, shape):
     torch.testing.assert_close(out.prev_sample, x + v * ds, rtol=0, atol=1e-6)
     torch.testing.assert_close(out.mean, x + v * ds, rtol=0, atol=1e-6)
     assert torch.all(out.std == 0)
-    assert torch.all(out.logp_mean == 0)  # a point mass: not a trainable step
+    assert torch.all(torch.isnan(out.logp_mean))  # a point mass has no density: not a trainable step
 
 
 @pytest.mark.parametrize("mode", ["flowgrpo", "dance", "cps"])
@@ -115,12 +115,21 @@ def test_per_sample_generators_give_per_sample_noise():
     torch.testing.assert_close(both.prev_sample[1:], alone.prev_sample)
 
 
+def test_explicit_noise_is_used_as_is():
+    v, x = _inputs((2, 3, 4, 4))
+    z = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(3))
+    out = sde_step(v, 0.8, 0.6, x, 0.7, noise=z)
+    torch.testing.assert_close(out.prev_sample, out.mean + out.std * z)
+
+
 def test_singular_start_and_bad_arguments_raise():
     v, x = _inputs((2, 3, 4, 4))
     with pytest.raises(ValueError, match="sigma_at_one"):
         sde_step(v, 1.0, 0.9, x, noise_level=0.7)
     out = sde_step(v, 1.0, 0.9, x, noise_level=0.7, sigma_at_one=0.9, generator=torch.Generator().manual_seed(0))
     assert torch.isfinite(out.logp_mean).all()
+    ode = sde_step(v, 1.0, 0.9, x, noise_level=0.0)  # the ODE needs no sigma_at_one and must stay finite at s = 1
+    torch.testing.assert_close(ode.prev_sample, x - 0.1 * v, rtol=0, atol=1e-6)
     with pytest.raises(ValueError, match="mode"):
         sde_step(v, 0.8, 0.6, x, 0.7, mode="ode")
     with pytest.raises(ValueError, match="noise_level"):

@@ -38,12 +38,15 @@ GENERATORS: Registry[type[GeneratorAdapter]] = Registry("generator pipeline clas
     "StableDiffusionXLPipeline": "visalign.generators.unet:StableDiffusionXLAdapter",
     "AnimateDiffPipeline": "visalign.generators.unet_video:AnimateDiffAdapter",
     "TextToVideoSDPipeline": "visalign.generators.unet_video:TextToVideoSDAdapter",
+    "StableDiffusion3Pipeline": "visalign.generators.flow:StableDiffusion3Adapter",
+    "FluxPipeline": "visalign.generators.flow:FluxAdapter",
 })
 
 # Families for the error message: a user with an unsupported class wants to know what *kinds* of model work.
 FAMILIES = {
     "UNet + DDIM (η > 0)": ["StableDiffusionPipeline", "StableDiffusionXLPipeline"],
     "UNet video + DDIM (η > 0)": ["AnimateDiffPipeline", "TextToVideoSDPipeline"],
+    "flow matching + SDE (image)": ["StableDiffusion3Pipeline", "FluxPipeline"],
 }
 
 

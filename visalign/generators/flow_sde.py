@@ -36,7 +36,8 @@ class FlowStepOutput(NamedTuple):
         mean: float32, same shape as ``x``: the Gaussian mean ``mu`` (carries the gradient of ``v_hat``).
         std: float32, broadcastable to ``x`` (``[B, 1, ...]``): the step's standard deviation; 0 for an ODE step.
         logp_mean: float32 ``[B]``: per-element log-density averaged over all non-batch dims (the published
-            convention, METHODS.md "Log-prob reduction"); 0 where ``std == 0``.
+            convention, METHODS.md "Log-prob reduction"); NaN where ``std == 0`` (no density, as in
+            :class:`visalign.generators.base.StepOutput`).
         logp_sum: float32 ``[B]``: ``D · logp_mean``, the true log-density in ``"exact"`` mode.
     """
 
@@ -65,6 +66,7 @@ def sde_step(
     noise_level: float | Tensor,
     prev_sample: Tensor | None = None,
     generator: torch.Generator | list[torch.Generator] | None = None,
+    noise: Tensor | None = None,
     mode: str = "flowgrpo",
     logp_mode: str = "exact",
     sigma_at_one: float | None = None,
@@ -81,6 +83,8 @@ def sde_step(
         noise_level: ``a`` in METHODS.md §2, ≥ 0; a float or ``[B]``. 0 gives the deterministic Euler step.
         prev_sample: the next latent to score (training replay). None samples a fresh one.
         generator: one generator or one per sample (``randn_tensor`` semantics) for the fresh noise.
+        noise: the standard-normal draw itself, same shape as ``x`` (overrides ``generator``); adapters pass the
+            per-sample noise they drew so every sample's trajectory depends on its own seed alone.
         mode: ``"flowgrpo"`` | ``"dance"`` | ``"cps"``.
         logp_mode: ``"exact"`` (a normalised Gaussian density) or ``"flowgrpo_compat"`` (for CPS, the reference
             code's ``−mean((x_next − mu)²)`` with constants and ``1/(2·std²)`` dropped; identical to exact for
@@ -92,7 +96,7 @@ def sde_step(
 
     Returns:
         :class:`FlowStepOutput`. Steps with ``std == 0`` (noise level 0, or the CPS step onto ``s_next = 0``) are
-        deterministic: their log-probs are 0 and they must not be trained.
+        deterministic: their log-probs are NaN, so training on one fails loudly instead of silently adding 0.
     """
     if mode not in SDE_MODES:
         raise ValueError(f"Unknown SDE mode {mode!r}; use one of {SDE_MODES}.")
@@ -111,7 +115,10 @@ def sde_step(
         mu = (1 - s_next_b) * x0_hat + torch.sqrt((s_next_b**2 - std**2).clamp_min(0)) * x1_hat
     else:
         if mode == "flowgrpo":
-            g = a * torch.sqrt(s_b / (1 - _replace_one(s_b, sigma_at_one, a)))
+            denom = 1 - _replace_one(s_b, sigma_at_one, a)
+            # Where a == 0 (the ODE) the ratio may be s/0 at s == 1; g must be exactly 0 there, not 0·inf = NaN.
+            ratio = torch.where(a > 0, s_b / torch.where(a > 0, denom, torch.ones_like(denom)), torch.zeros_like(s_b))
+            g = a * torch.sqrt(ratio)
         else:
             g = a.expand_as(s_b)
         # g == 0 where s == 0 too, so the 1/s terms below are only evaluated where they are finite.
@@ -120,10 +127,11 @@ def sde_step(
         mu = x + (v - 0.5 * g**2 * score) * ds
         std = g * torch.sqrt((-ds).clamp_min(0))
     if prev_sample is None:
-        from diffusers.utils.torch_utils import randn_tensor
+        if noise is None:
+            from diffusers.utils.torch_utils import randn_tensor
 
-        noise = randn_tensor(x.shape, generator=generator, device=x.device, dtype=torch.float32)
-        prev_sample = mu + std * noise
+            noise = randn_tensor(x.shape, generator=generator, device=x.device, dtype=torch.float32)
+        prev_sample = mu + std * noise.float()
         if storage_dtype is not None:
             prev_sample = prev_sample.to(storage_dtype)
     target = prev_sample.detach().float()
@@ -144,11 +152,11 @@ def _replace_one(s: Tensor, sigma_at_one: float | None, a: Tensor) -> Tensor:
 
 
 def _log_density(target: Tensor, mu: Tensor, std: Tensor, mode: str, logp_mode: str) -> Tensor:
-    """Per-element log-density of ``target`` under ``N(mu, std²)``; 0 where ``std == 0`` (a point mass)."""
+    """Per-element log-density of ``target`` under ``N(mu, std²)``; NaN where ``std == 0`` (a point mass)."""
     deterministic = std <= 0
     if mode == "cps" and logp_mode == "flowgrpo_compat":
         logp = -((target - mu) ** 2)
     else:
         safe_std = torch.where(deterministic, torch.ones_like(std), std)
         logp = -((target - mu) ** 2) / (2 * safe_std**2) - torch.log(safe_std) - _LOG_SQRT_2PI
-    return torch.where(deterministic, torch.zeros_like(logp), logp)
+    return torch.where(deterministic, torch.full_like(logp, float("nan")), logp)

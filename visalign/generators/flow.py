@@ -1,0 +1,277 @@
+"""Flow-matching image families with an SDE sampler and exact per-step log-probs: SD3/3.5 and FLUX.
+
+Builds on :mod:`visalign.generators.base` (loop, seeds, LoRA, save/load) and
+:func:`visalign.generators.flow_sde.sde_step` (Flow-GRPO / Dance-SDE / CPS step, METHODS.md §2). The denoiser calls
+mirror diffusers' ``StableDiffusion3Pipeline.__call__`` and ``FluxPipeline.__call__`` (release v0.42.1): the same
+``[uncond; cond]`` CFG batch for SD3, FLUX's packed 2×2 latents with its position ids and distilled guidance
+embedding, and the scheduler's own sigmas, shift and resolution-dependent ``mu`` (never recomputed here). With noise
+level 0 every step is the scheduler's Euler step, so a rollout reproduces the stock pipeline's image for the same
+per-sample generators (tested to 1e-4).
+
+:class:`FlowMatchingAdapter` is shared with the video families in :mod:`visalign.generators.flow_video`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from visalign.generators.base import Condition, GeneratorAdapter, Rollout, SamplingPlan, StepOutput, guide, uses_cfg
+from visalign.generators.flow_sde import LOGP_MODES, SDE_MODES, sde_step
+from visalign.media import from_vae_range
+
+
+class FlowMatchingAdapter(GeneratorAdapter):
+    """Shared machinery of rectified-flow families: the schedule, the SDE transition, SDE windows.
+
+    The trajectory is stored in the layout the VAE expects (``[B, C, h, w]`` images, the pipeline's own 5-D layout
+    for video), not the transformer's packed token layout: packing is a permutation, so the element-wise SDE step is
+    unchanged, and the initial noise is drawn in exactly the shape the stock pipeline draws it.
+
+    Subclasses implement ``encode_condition``, ``set_timesteps``, ``velocity``, ``latent_shape``, ``decode`` and
+    ``default_resolution``.
+    """
+
+    denoiser_name = "transformer"
+    sde_mode: str = "flowgrpo"
+    logp_mode: str = "exact"
+    sde_window: tuple[int, int] | None = None
+
+    def configure_sde(self, mode: str | None = None, logp_mode: str | None = None,
+                      window: tuple[int, int] | None | str = "keep") -> FlowMatchingAdapter:
+        """Choose the stochastic step used by later rollouts.
+
+        Args:
+            mode: ``"flowgrpo"`` (default), ``"dance"`` or ``"cps"`` (METHODS.md §2).
+            logp_mode: ``"exact"`` (normalised density) or ``"flowgrpo_compat"`` (CPS's reference "log-prob");
+                re-tune the PPO clip range when switching, and never mix the two within one run.
+            window: half-open ``(start, stop)`` step range sampled with the SDE; the other steps use the ODE (noise
+                level 0) and have no log-prob (Flow-GRPO-Fast / MixGRPO style). None: SDE on every step.
+
+        Returns:
+            ``self``, for chaining.
+        """
+        if mode is not None:
+            if mode not in SDE_MODES:
+                raise ValueError(f"Unknown SDE mode {mode!r}; use one of {SDE_MODES}.")
+            self.sde_mode = mode
+        if logp_mode is not None:
+            if logp_mode not in LOGP_MODES:
+                raise ValueError(f"Unknown logp_mode {logp_mode!r}; use one of {LOGP_MODES}.")
+            self.logp_mode = logp_mode
+        if window != "keep":
+            if window is not None and not (0 <= window[0] < window[1]):
+                raise ValueError(f"SDE window {window} must be (start, stop) with 0 <= start < stop.")
+            self.sde_window = window
+        return self
+
+    # -- schedule --
+    def rollout(self, prompts: Sequence[str], **kwargs: Any) -> Rollout:
+        """:meth:`GeneratorAdapter.rollout`; ``eta`` is the SDE noise level ``a`` (0: the stock ODE sampler).
+
+        Resolution-dependent shifts (FLUX, SD3.5 with dynamic shifting, LTX) need the latent size while the
+        schedule is built, so it is recorded here before the shared loop runs.
+        """
+        height, width = kwargs.get("height"), kwargs.get("width")
+        default_h, default_w = self.default_resolution()
+        self._size = (height or default_h, width or default_w, kwargs.get("num_frames"))
+        return super().rollout(prompts, **kwargs)
+
+    def set_timesteps(self, steps: int) -> None:
+        """Call the scheduler's ``set_timesteps`` exactly as the stock pipeline does (to implement)."""
+        raise NotImplementedError
+
+    def make_schedule(self, steps: int) -> tuple[Tensor, dict[str, Tensor]]:
+        """``timesteps [S]`` (float, descending), ``sigmas [S+1]`` (float32, ending at 0) and ``sde_mask [S]`` (1 where
+        the step is stochastic)."""
+        self.set_timesteps(steps)
+        scheduler = self.pipeline.scheduler
+        timesteps = scheduler.timesteps.clone().to(self.device)
+        sigmas = scheduler.sigmas.clone().float().to(self.device)
+        if len(sigmas) != len(timesteps) + 1:
+            raise ValueError(f"Scheduler returned {len(sigmas)} sigmas for {len(timesteps)} timesteps; expected one "
+                             "more sigma than timesteps (FlowMatchEulerDiscreteScheduler).")
+        mask = torch.ones(len(timesteps), device=self.device)
+        if self.sde_window is not None:
+            start, stop = self.sde_window
+            if stop > len(timesteps):
+                raise ValueError(f"SDE window {self.sde_window} exceeds the {len(timesteps)} sampling steps.")
+            mask.zero_()
+            mask[start:stop] = 1.0
+        return timesteps, {"sigmas": sigmas, "sde_mask": mask}
+
+    # -- one step --
+    def velocity(self, plan: SamplingPlan, latents: Tensor, step_index: int) -> Tensor:
+        """The guided velocity prediction at step ``step_index``, same layout as ``latents`` (to implement)."""
+        raise NotImplementedError
+
+    def transition(self, plan: SamplingPlan, latents: Tensor, step_index: int, *, prev_sample: Tensor | None = None,
+                   noise: Tensor | None = None) -> StepOutput:
+        sigmas = plan.schedule["sigmas"]
+        noise_level = plan.eta * float(plan.schedule["sde_mask"][step_index])
+        v_hat = self.velocity(plan, latents, step_index)
+        out = sde_step(v_hat, sigmas[step_index], sigmas[step_index + 1], latents, noise_level,
+                       prev_sample=prev_sample, noise=noise, mode=self.sde_mode, logp_mode=self.logp_mode,
+                       sigma_at_one=float(sigmas[1]) if len(sigmas) > 2 else None, storage_dtype=latents.dtype)
+        sample = prev_sample if prev_sample is not None else out.prev_sample.to(latents.dtype)
+        return StepOutput(sample, out.mean, out.std, out.logp_mean, out.logp_sum)
+
+    def _cfg_inputs(self, plan: SamplingPlan) -> tuple[bool, Condition]:
+        cfg = uses_cfg(plan.guidance) and self.uses_cfg_batch
+        if cfg and not plan.condition.guided:
+            raise ValueError(f"guidance={plan.guidance} needs negative embeddings; encode the condition with CFG on.")
+        return cfg, plan.condition
+
+    uses_cfg_batch: bool = True
+
+    def _vae_decode(self, latents: Tensor, grad: bool) -> Tensor:
+        vae = self.pipeline.vae
+        shift = getattr(vae.config, "shift_factor", None) or 0.0
+        with torch.set_grad_enabled(grad and torch.is_grad_enabled()):
+            z = latents.to(vae.dtype) / vae.config.scaling_factor + shift
+            image = vae.decode(z, return_dict=False)[0]
+        return from_vae_range(image.float())
+
+
+class StableDiffusion3Adapter(FlowMatchingAdapter):
+    """Stable Diffusion 3 / 3.5 (MMDiT, three text encoders, CFG on a ``[uncond; cond]`` batch)."""
+
+    family = "sd3"
+    modality = "image"
+    pipeline_classes = ("StableDiffusion3Pipeline",)
+    max_sequence_length = 256  # the stock pipeline's default T5 length; rollouts must match it for parity
+
+    @property
+    def resolution_multiple(self) -> int:
+        return int(self.denoiser.config.patch_size)
+
+    def default_resolution(self) -> tuple[int, int]:
+        size = int(self.pipeline.default_sample_size) * self.vae_scale_factor()
+        return size, size
+
+    def latent_shape(self, height: int, width: int, num_frames: int | None) -> tuple[int, ...]:
+        if num_frames is not None:
+            raise ValueError("SD3 is an image model; leave num_frames unset.")
+        f = self.vae_scale_factor()
+        return (int(self.denoiser.config.in_channels), height // f, width // f)
+
+    def encode_condition(self, prompts: list[str], negative_prompts: list[str], guidance: float, *, height: int,
+                         width: int) -> Condition:
+        cfg = uses_cfg(guidance)
+        embeds, neg, pooled, neg_pooled = self.pipeline.encode_prompt(
+            prompt=prompts, prompt_2=None, prompt_3=None, negative_prompt=negative_prompts if cfg else None,
+            do_classifier_free_guidance=cfg, device=self.device, num_images_per_prompt=1,
+            max_sequence_length=self.max_sequence_length)
+        if not cfg:
+            return Condition(embeds, extras={"pooled_projections": pooled})
+        return Condition(embeds, neg, {"pooled_projections": pooled}, {"pooled_projections": neg_pooled})
+
+    def set_timesteps(self, steps: int) -> None:
+        from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import calculate_shift
+
+        scheduler = self.pipeline.scheduler
+        kwargs = {}
+        if scheduler.config.get("use_dynamic_shifting", None):
+            height, width, _ = self._size
+            patch, f = self.denoiser.config.patch_size, self.vae_scale_factor()
+            seq_len = (height // f // patch) * (width // f // patch)
+            kwargs["mu"] = calculate_shift(seq_len, scheduler.config.get("base_image_seq_len", 256),
+                                           scheduler.config.get("max_image_seq_len", 4096),
+                                           scheduler.config.get("base_shift", 0.5),
+                                           scheduler.config.get("max_shift", 1.16))
+        scheduler.set_timesteps(steps, device=self.device, **kwargs)
+
+    def velocity(self, plan: SamplingPlan, latents: Tensor, step_index: int) -> Tensor:
+        cfg, cond = self._cfg_inputs(plan)
+        x = latents.to(self.dtype)
+        x_in = torch.cat([x, x]) if cfg else x
+        embeds = torch.cat([cond.negative_embeds, cond.embeds]) if cfg else cond.embeds
+        pooled = cond.extras["pooled_projections"]
+        if cfg:
+            pooled = torch.cat([cond.negative_extras["pooled_projections"], pooled])
+        t = plan.timesteps[step_index].expand(x_in.shape[0])
+        pred = self.denoiser(hidden_states=x_in, timestep=t, encoder_hidden_states=embeds, pooled_projections=pooled,
+                             return_dict=False)[0]
+        if cfg:
+            pred_uncond, pred_cond = pred.chunk(2)
+            pred = guide(pred_uncond, pred_cond, plan.guidance)
+        return pred
+
+    def decode(self, latents: Tensor, *, grad: bool = False) -> Tensor:
+        """``[B, C, h, w]`` latents → float32 images ``[B, 3, H, W]`` in [0, 1] (VAE scaling and shift undone)."""
+        return self._vae_decode(latents, grad)
+
+
+class FluxAdapter(FlowMatchingAdapter):
+    """FLUX.1 (dev/schnell): packed 2×2 latent tokens, CLIP pooled + T5 sequence embeddings.
+
+    FLUX.1-dev is guidance-*distilled*: ``guidance`` is fed to the transformer's guidance embedding (the stock
+    pipeline's ``guidance_scale``), there is no unconditional branch, and negative prompts are ignored. For a
+    transformer without a guidance embedding (schnell) ``guidance`` has no effect.
+    """
+
+    family = "flux"
+    modality = "image"
+    pipeline_classes = ("FluxPipeline",)
+    uses_cfg_batch = False
+    max_sequence_length = 512
+    resolution_multiple = 2  # latents are packed in 2×2 patches
+
+    def default_resolution(self) -> tuple[int, int]:
+        size = int(self.pipeline.default_sample_size) * self.vae_scale_factor()
+        return size, size
+
+    def latent_shape(self, height: int, width: int, num_frames: int | None) -> tuple[int, ...]:
+        if num_frames is not None:
+            raise ValueError("FLUX is an image model; leave num_frames unset.")
+        f = self.vae_scale_factor()
+        return (int(self.denoiser.config.in_channels) // 4, height // f, width // f)
+
+    def encode_condition(self, prompts: list[str], negative_prompts: list[str], guidance: float, *, height: int,
+                         width: int) -> Condition:
+        embeds, pooled, _ = self.pipeline.encode_prompt(prompt=prompts, prompt_2=None, device=self.device,
+                                                        num_images_per_prompt=1,
+                                                        max_sequence_length=self.max_sequence_length)
+        return Condition(embeds, extras={"pooled_projections": pooled})
+
+    def set_timesteps(self, steps: int) -> None:
+        import numpy as np
+        from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+        scheduler = self.pipeline.scheduler
+        height, width, _ = self._size
+        f = self.vae_scale_factor()
+        seq_len = (height // f // 2) * (width // f // 2)
+        sigmas = None if scheduler.config.get("use_flow_sigmas", False) else np.linspace(1.0, 1 / steps, steps)
+        mu = calculate_shift(seq_len, scheduler.config.get("base_image_seq_len", 256),
+                             scheduler.config.get("max_image_seq_len", 4096), scheduler.config.get("base_shift", 0.5),
+                             scheduler.config.get("max_shift", 1.15))
+        if sigmas is None:
+            scheduler.set_timesteps(steps, device=self.device, mu=mu)
+        else:
+            scheduler.set_timesteps(sigmas=sigmas, device=self.device, mu=mu)
+
+    def velocity(self, plan: SamplingPlan, latents: Tensor, step_index: int) -> Tensor:
+        from diffusers import FluxPipeline
+
+        b, c, h, w = latents.shape
+        cond = plan.condition
+        tokens = FluxPipeline._pack_latents(latents.to(self.dtype), b, c, h, w)
+        img_ids = FluxPipeline._prepare_latent_image_ids(b, h // 2, w // 2, self.device, self.dtype)
+        txt_ids = torch.zeros(cond.embeds.shape[1], 3, device=self.device, dtype=self.dtype)
+        guidance = None
+        if self.denoiser.config.guidance_embeds:
+            guidance = torch.full([b], plan.guidance, device=self.device, dtype=torch.float32)
+        t = plan.timesteps[step_index].expand(b).to(self.dtype)
+        pred = self.denoiser(hidden_states=tokens, timestep=t / 1000, guidance=guidance,
+                             pooled_projections=cond.extras["pooled_projections"], encoder_hidden_states=cond.embeds,
+                             txt_ids=txt_ids, img_ids=img_ids, return_dict=False)[0]
+        f = self.vae_scale_factor()
+        return FluxPipeline._unpack_latents(pred, h * f, w * f, f)
+
+    def decode(self, latents: Tensor, *, grad: bool = False) -> Tensor:
+        """``[B, C, h, w]`` (unpacked) latents → float32 images ``[B, 3, H, W]`` in [0, 1]."""
+        return self._vae_decode(latents, grad)
