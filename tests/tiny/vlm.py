@@ -79,6 +79,23 @@ def write_tokenizer(folder: Path, special: list[str], *, metaspace: bool, config
     (folder / "tokenizer_config.json").write_text(json.dumps({"model_max_length": 4096, **config}), encoding="utf-8")
 
 
+def _save_spread(model, folder: Path) -> None:
+    """Re-draw every weight matrix with std 0.3 and save as safetensors.
+
+    Default init (std 0.02) makes a tiny random VLM answer almost the same for every image, so tests of padding,
+    pairwise symmetry or gradients would pass for a scorer that ignored the pixels; wider weights make the answer
+    depend visibly on the image and the question.
+    """
+    import torch
+
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.ndim >= 2:
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.3)
+    model.save_pretrained(folder)
+
+
 def _tok(folder: Path):
     from transformers import AutoTokenizer
 
@@ -87,7 +104,6 @@ def _tok(folder: Path):
 
 def build_qwen2_vl(folder: Path, *, qwen25: bool = False) -> None:
     """Qwen2-VL (or Qwen2.5-VL): 4-px patches, 2×2 merge, images resized to 16–32 px sides."""
-    import torch
     from transformers import Qwen2VLImageProcessor, Qwen2VLVideoProcessor
 
     write_tokenizer(folder, QWEN_SPECIAL, metaspace=False,
@@ -119,13 +135,11 @@ def build_qwen2_vl(folder: Path, *, qwen25: bool = False) -> None:
     processor = Processor(image_processor=Qwen2VLImageProcessor(**sizes), tokenizer=tok,
                           video_processor=Qwen2VLVideoProcessor(**sizes), chat_template=QWEN_TEMPLATE)
     processor.save_pretrained(folder)
-    torch.manual_seed(0)
-    Model(Config(text_config=text, vision_config=vision, **ids)).save_pretrained(folder)
+    _save_spread(Model(Config(text_config=text, vision_config=vision, **ids)), folder)
 
 
 def build_llava(folder: Path) -> None:
     """LLaVA-1.5: CLIP vision tower on 16-px crops (4-px patches + CLS), Llama text model."""
-    import torch
     from transformers import (
         CLIPVisionConfig,
         LlamaConfig,
@@ -152,13 +166,11 @@ def build_llava(folder: Path) -> None:
     config = LlavaConfig(vision_config=vision, text_config=text,
                          image_token_index=tok.convert_tokens_to_ids("<image>"),
                          image_seq_length=16, vision_feature_select_strategy="default", vision_feature_layer=-1)
-    torch.manual_seed(0)
-    LlavaForConditionalGeneration(config).save_pretrained(folder)
+    _save_spread(LlavaForConditionalGeneration(config), folder)
 
 
 def build_idefics3(folder: Path) -> None:
     """Idefics3 (SmolVLM's architecture): 16-px tiles of 4-px patches, pixel shuffle 2 → 4 tokens per tile."""
-    import torch
     from transformers import (
         Idefics3Config,
         Idefics3ForConditionalGeneration,
@@ -183,8 +195,7 @@ def build_idefics3(folder: Path) -> None:
                        pad_token_id=tok.convert_tokens_to_ids("<|endoftext|>"))
     config = Idefics3Config(vision_config=vision, text_config=text.to_dict(), scale_factor=2,
                             image_token_id=tok.convert_tokens_to_ids("<image>"))
-    torch.manual_seed(0)
-    Idefics3ForConditionalGeneration(config).save_pretrained(folder)
+    _save_spread(Idefics3ForConditionalGeneration(config), folder)
 
 
 FAMILY_BUILDERS = {"qwen2.5-vl": lambda f: build_qwen2_vl(f, qwen25=True), "qwen2-vl": build_qwen2_vl,
