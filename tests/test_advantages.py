@@ -40,9 +40,10 @@ def test_zero_variance_and_single_sample_groups_are_zero_and_reported():
 
 
 def test_tied_floats_count_as_zero_variance_even_with_rounding():
-    # mean(0.1, 0.1, 0.1) is not exactly 0.1 in float32; the group must still give exactly 0, not noise / eps.
-    out = group_advantages(torch.tensor([0.1, 0.1, 0.1]), [0, 0, 0], AdvantageConfig(eps=0.0))
-    assert out.advantages.tolist() == [0.0, 0.0, 0.0] and out.zero_std.all()
+    # The float32 mean of seven 0.7s is 0.7 + 6e-8, so r − mean is rounding noise, not 0; divided by a tiny std it
+    # would become ±1. The group must still give exactly 0.
+    out = group_advantages(torch.full((7,), 0.7), [0] * 7, AdvantageConfig(eps=0.0))
+    assert out.advantages.tolist() == [0.0] * 7 and out.zero_std.all()
 
 
 def test_nan_rewards_are_left_out_and_get_zero():
