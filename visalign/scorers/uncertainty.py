@@ -84,13 +84,13 @@ class UncertaintyScorer(Scorer):
         self.crop_fraction = float(p.get("crop_fraction", 0.1))
         self.noise_std = float(p.get("noise_std", 0.02))
         self.seed = int(p.get("seed", 0))
-        self.normalize = str(p.get("normalize", "batch-mean"))
+        self.u_normalize = str(p.get("normalize", "batch-mean"))
         self.momentum = float(p.get("momentum", 0.9))
         self.tau = float(p.get("tau", 1.0))
         if self.mode not in MODES:
             raise ValueError(f"Uncertainty {where}: mode {self.mode!r} is not one of {MODES}.")
-        if self.normalize not in NORMALIZATIONS:
-            raise ValueError(f"Uncertainty {where}: normalize {self.normalize!r} is not one of {NORMALIZATIONS}.")
+        if self.u_normalize not in NORMALIZATIONS:
+            raise ValueError(f"Uncertainty {where}: normalize {self.u_normalize!r} is not one of {NORMALIZATIONS}.")
         if self.num_views < 2:
             raise ValueError(f"Uncertainty {where}: num_views must be >= 2 (disagreement needs two views).")
         if not 0.0 <= self.crop_fraction < 0.5 or self.noise_std < 0:
@@ -120,7 +120,7 @@ class UncertaintyScorer(Scorer):
             uncertainty = self.uncertainty(batch, out)
             normalized = uncertainty / self._scale(uncertainty)
             weight = torch.exp(-normalized / self.tau)
-            weight = weight / weight.mean()
+            weight = weight / weight.nanmean()  # a sample the base abstains on (NaN) must not void the rest
         return RawScore(out.reward, extras={"uncertainty": uncertainty, "uncertainty_normalized": normalized,
                                             "weight": weight, "base_raw": out.raw.detach()})
 
@@ -157,12 +157,12 @@ class UncertaintyScorer(Scorer):
 
     def _scale(self, uncertainty: Tensor) -> float:
         eps = 1e-12  # U is a variance; all-zero U gives weight 1 everywhere instead of 0/0
-        if self.normalize == "none":
+        if self.u_normalize == "none":
             return 1.0
         batch_mean = float(uncertainty[~torch.isnan(uncertainty)].mean()) if uncertainty.numel() else 0.0
         if math.isnan(batch_mean):
             batch_mean = 0.0
-        if self.normalize == "batch-mean":
+        if self.u_normalize == "batch-mean":
             return batch_mean + eps
         self.running_mean = batch_mean if self.running_mean is None else \
             self.momentum * self.running_mean + (1 - self.momentum) * batch_mean
