@@ -13,6 +13,8 @@ import sys
 COMMANDS: dict[str, str] = {
     "scorers": "visalign.commands.scorers",
     "score": "visalign.commands.score",
+    "train": "visalign.commands.train",
+    "convert-weights": "visalign.commands.convert_weights",
 }
 
 

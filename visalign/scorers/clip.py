@@ -79,6 +79,8 @@ class ImagePreprocess:
         resize_px: target of the shortest side before the crop; None squashes straight to ``crop_px``.
         mean, std: per-channel normalisation constants, read from the model's processor config.
         interpolation: ``bicubic``, ``bilinear`` or ``nearest``.
+        crop_offset: ``round`` (torchvision's CenterCrop, hence open_clip) or ``floor`` (HF image processors);
+            the two differ by one pixel when the margin is odd.
     """
 
     crop_px: tuple[int, int]
@@ -86,6 +88,7 @@ class ImagePreprocess:
     mean: tuple[float, ...]
     std: tuple[float, ...]
     interpolation: str = "bicubic"
+    crop_offset: str = "round"
 
     def __call__(self, pixels: Tensor) -> Tensor:
         """Preprocess images.
@@ -105,7 +108,7 @@ class ImagePreprocess:
             # int() truncation, as torchvision's Resize(int) and HF's get_resize_output_image_size compute it.
             new_long = int(self.resize_px * long / short)
             x = self._resize(x, (self.resize_px, new_long) if h <= w else (new_long, self.resize_px))
-        x = _center_crop(x, self.crop_px)
+        x = _center_crop(x, self.crop_px, floor=self.crop_offset == "floor")
         mean = torch.tensor(self.mean, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
         std = torch.tensor(self.std, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
         return (x - mean) / std
@@ -121,14 +124,17 @@ class ImagePreprocess:
         return x.clamp(0.0, 1.0)
 
 
-def _center_crop(x: Tensor, size: tuple[int, int]) -> Tensor:
+def _center_crop(x: Tensor, size: tuple[int, int], floor: bool) -> Tensor:
     h, w = x.shape[-2:]
     ch, cw = size
     if h < ch or w < cw:  # torchvision pads with zeros when the crop is larger than the image
         pad_h, pad_w = max(ch - h, 0), max(cw - w, 0)
         x = F.pad(x, (pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2))
         h, w = x.shape[-2:]
-    top, left = int(round((h - ch) / 2.0)), int(round((w - cw) / 2.0))
+    if floor:
+        top, left = (h - ch) // 2, (w - cw) // 2
+    else:
+        top, left = int(round((h - ch) / 2.0)), int(round((w - cw) / 2.0))
     return x[..., top:top + ch, left:left + cw]
 
 
@@ -320,7 +326,8 @@ def hf_preprocess(processor: Any, scorer_id: str) -> ImagePreprocess:
             raise ValueError(f"Scorer {scorer_id!r}: squash size {squash} differs from crop {crop_px}; unsupported.")
     return ImagePreprocess(crop_px=crop_px, resize_px=int(shortest) if shortest else None,
                            mean=tuple(float(m) for m in processor.image_mean),
-                           std=tuple(float(s) for s in processor.image_std), interpolation=resample)
+                           std=tuple(float(s) for s in processor.image_std), interpolation=resample,
+                           crop_offset="floor")
 
 
 BACKENDS: dict[str, type] = {"open_clip": OpenClipBackend, "hf": HfClipBackend}
