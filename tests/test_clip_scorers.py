@@ -330,3 +330,14 @@ def test_head_layout_mismatch_is_a_clear_error(tmp_path, hf_dir, tiny_dir):
     wrong_dim = get_scorer("laion-aesthetic-v2", weights={"local_dir": str(hf_dir), "head_file": str(head)})
     with pytest.raises(ValueError, match="does not match"):  # the card's 768-wide head vs the tiny file
         wrong_dim(ScoreBatch(prompts=[""], media=images(1)))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("name", ["clip-vit-b32", "pickscore", "lambda-harmonic-vit-b32"])
+def test_cuda_scores_match_cpu(name, open_clip_dir, hf_dir):
+    folder = hf_dir if name == "pickscore" else open_clip_dir
+    batch = ScoreBatch(prompts=PROMPTS, media=images(seed=11), references=images(seed=12))
+    cpu = get_scorer(name, weights=str(folder))(batch).raw
+    cuda = get_scorer(name, weights=str(folder), device="cuda")(batch).raw
+    torch.testing.assert_close(cuda.cpu(), cpu, atol=1e-3, rtol=1e-3)
