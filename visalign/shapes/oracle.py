@@ -9,8 +9,8 @@ Alignment"), but exact for this world because colours are pure and the backgroun
 2. objects: 8-connected components of the foreground (``scipy.ndimage.label``) with a minimum area; each
    object's colour is the majority colour of its pixels (a VAE's colour fringe must not become an object,
    SHAPES-NOTES.md §2);
-3. shape: IoU of the object's mask against ideal circle / square / upright-triangle templates fitted to its
-   bounding box;
+3. shape: brightness-weighted central moments (vertical skew for the upright triangle, the 4th-order ratio
+   ``E[dx² dy²] / (E[dx²] E[dy²])`` for square vs circle, elongation for "no shape"), which survive blur;
 4. grading: colour, shape and count for every prompt, plus position (dominant axis and sign of the centroid
    offset, after the best assignment of the two prompt objects to detected ones) for relations and motion
    (centroid track) for videos.
@@ -24,7 +24,6 @@ from __future__ import annotations
 import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
-from functools import lru_cache
 
 import numpy as np
 
@@ -44,6 +43,10 @@ from visalign.shapes.world import (
 ATTRIBUTES: tuple[str, ...] = ("colour", "shape", "count", "position", "motion")
 COLOUR_NAMES: tuple[str, ...] = (*COLOURS, "other")  # "other": white/grey chroma, not a world colour
 FOREGROUND = 0.4  # brightest channel above this → foreground; half-covered anti-aliased edges stay in the shape
+SHAPE_NAMES: tuple[str, ...] = (*SHAPES, "other")  # "other": a blob that is no world shape (inverted, elongated)
+TRIANGLE_SKEW = 0.15  # |skew of y| above this is a triangle (apex up) or, with the wrong sign, "other"
+SQUARE_SPLIT = 0.79  # squareness between a disc (0.67) and a square (1.0); blur pulls both toward 1
+MAX_ELONGATION = 2.0  # variance ratio off the shape's own by more than 2x → "other"
 MIN_AREA_AT_32 = 5  # px at 32x32, scaled with the image area; smaller specks are noise, not objects
 MIN_TRAVEL = 0.1  # a moving object's centre must travel >= 10% of the canvas side over the clip
 MAX_CANDIDATES = 12  # relation assignment looks at the largest objects only, so noise images stay cheap
@@ -60,7 +63,7 @@ class Objects:
 
     Attributes:
         colour: int64 ``[N]`` index into ``COLOUR_NAMES``.
-        shape: int64 ``[N]`` index into ``SHAPES``.
+        shape: int64 ``[N]`` index into ``SHAPE_NAMES`` (the world's shapes, then "other").
         x, y: float64 ``[N]`` centroid in canvas fractions (x right, y down), in [0, 1].
         area: int64 ``[N]`` foreground pixels.
     """
@@ -78,23 +81,6 @@ class Objects:
         """Per object: 0, 1 or 2 of (colour, shape) agreeing with ``thing``; int64 ``[N]``."""
         return ((self.colour == COLOUR_NAMES.index(thing.colour)).astype(np.int64)
                 + (self.shape == SHAPES.index(thing.shape)))
-
-
-@lru_cache(maxsize=4096)
-def _template_areas(width: int, height: int) -> np.ndarray:
-    """Pixel areas of the (circle, square, triangle) templates fitted to a ``width x height`` box; float64 [3]."""
-    u = (np.arange(width) + 0.5) / width
-    v = (np.arange(height) + 0.5) / height
-    uu, vv = np.meshgrid(u, v)
-    return np.array([_in_circle(uu, vv).sum(), float(width * height), _in_triangle(uu, vv).sum()], dtype=np.float64)
-
-
-def _in_circle(u: np.ndarray, v: np.ndarray) -> np.ndarray:
-    return (u - 0.5) ** 2 + (v - 0.5) ** 2 <= 0.25
-
-
-def _in_triangle(u: np.ndarray, v: np.ndarray) -> np.ndarray:
-    return np.abs(u - 0.5) <= v / 2  # apex at the top centre, base along the bottom of the box
 
 
 def detect_objects(images: np.ndarray) -> list[Objects]:
@@ -130,25 +116,12 @@ def detect_objects(images: np.ndarray) -> list[Objects]:
     colour_votes = np.bincount(flat * n_colours + colour_of_pixel.ravel(), minlength=(count + 1) * n_colours)
     colour = colour_votes.reshape(count + 1, n_colours)[1:].argmax(axis=1)
 
-    slices = ndimage.find_objects(labels)
-    image_of = np.array([s[0].start for s in slices])
-    y0 = np.array([s[1].start for s in slices])
-    x0 = np.array([s[2].start for s in slices])
-    box_h = np.array([s[1].stop for s in slices]) - y0
-    box_w = np.array([s[2].stop for s in slices]) - x0
-
-    # Template membership of every foreground pixel in its own object's box: the IoU numerators, via bincount.
+    image_of = np.array([sl[0].start for sl in ndimage.find_objects(labels)])
     b_idx, row, col = np.nonzero(labels)
     lab = labels[b_idx, row, col] - 1
-    u = (col + 0.5 - x0[lab]) / box_w[lab]
-    v = (row + 0.5 - y0[lab]) / box_h[lab]
-    inter = np.stack([np.bincount(lab, weights=m.astype(np.float64), minlength=count)
-                      for m in (_in_circle(u, v), np.ones_like(u, dtype=bool), _in_triangle(u, v))], axis=1)
-    template_area = np.stack([_template_areas(int(w), int(h)) for w, h in zip(box_w, box_h, strict=True)])
-    iou = inter / (area[:, None] + template_area - inter)
-    shape = iou.argmax(axis=1)
     cx = np.bincount(lab, weights=col + 0.5, minlength=count) / area / width
     cy = np.bincount(lab, weights=row + 0.5, minlength=count) / area / height
+    shape = _classify_shapes(lab, row, col, bright[b_idx, row, col].astype(np.float64), count)
 
     keep = area >= max(2, round(MIN_AREA_AT_32 * height * width / 1024))
     out = []
@@ -156,6 +129,48 @@ def detect_objects(images: np.ndarray) -> list[Objects]:
         sel = keep & (image_of == b)
         out.append(Objects(colour[sel], shape[sel], cx[sel], cy[sel], area[sel]))
     return out
+
+
+def _classify_shapes(lab: np.ndarray, row: np.ndarray, col: np.ndarray, weight: np.ndarray, count: int) -> np.ndarray:
+    """Shape index (into ``SHAPE_NAMES``) of each object from brightness-weighted central moments.
+
+    Moments instead of template IoU because blur (a VAE decoder, a young diffusion model) preserves them:
+    convolving with a symmetric kernel keeps the centroid and the skew's sign and only pulls the 4th-order
+    ratio toward 1, whereas a thresholded mask loses a blurred triangle's tip and a square's corners (template
+    IoU fell to 63% shape accuracy under a 1 px Gaussian blur at 32 px; these moments stay at 100%).
+
+    - skew of y (image y points down): an upright triangle carries its mass low, skew ≈ -0.57; circles and
+      squares are symmetric (|skew| < 0.07 measured, also at 64 px and under blur);
+    - ``E[dx² dy²] / (E[dx²] E[dy²])``: 1 for a square (x and y independent), 2/3 for a disc;
+    - elongation ``E[dx²] / E[dy²]`` against the shape's own (1, or 3/4 for the triangle): a bar or a smear
+      more than ``MAX_ELONGATION`` off is no world shape.
+
+    Args:
+        lab: int ``[P]`` object index of each foreground pixel; row, col: int ``[P]`` its position.
+        weight: float64 ``[P]`` its brightness in (FOREGROUND, 1]; count: number of objects.
+
+    Returns:
+        int64 ``[count]``.
+    """
+    total = np.bincount(lab, weights=weight, minlength=count)
+    mean_x = np.bincount(lab, weights=weight * col, minlength=count) / total
+    mean_y = np.bincount(lab, weights=weight * row, minlength=count) / total
+    dx, dy = col - mean_x[lab], row - mean_y[lab]
+
+    def moment(values: np.ndarray) -> np.ndarray:
+        return np.bincount(lab, weights=weight * values, minlength=count) / total
+
+    var_x, var_y = moment(dx * dx), moment(dy * dy)
+    with np.errstate(divide="ignore", invalid="ignore"):  # one-pixel objects have zero variance; they become "other"
+        skew = moment(dy ** 3) / var_y ** 1.5
+        squareness = moment(dx * dx * dy * dy) / (var_x * var_y)
+        elongation = var_x / var_y
+    triangle, square, circle = (SHAPES.index(n) for n in ("triangle", "square", "circle"))
+    shape = np.where(skew < -TRIANGLE_SKEW, triangle, np.where(squareness > SQUARE_SPLIT, square, circle))
+    expected = np.where(shape == triangle, 0.75, 1.0)  # var_x / var_y of an upright triangle as wide as tall
+    odd = ~np.isfinite(skew) | ~np.isfinite(squareness) | (skew > TRIANGLE_SKEW)
+    odd |= np.abs(np.log(np.where(elongation > 0, elongation, 1e-9) / expected)) > np.log(MAX_ELONGATION)
+    return np.where(odd, len(SHAPES), shape).astype(np.int64)
 
 
 def _no_objects() -> Objects:
