@@ -86,20 +86,6 @@ def test_no_cfg_reproduces_stock_pipeline(sd, sd_path):
     torch.testing.assert_close(ours.media, stock_images(sd_path, PROMPTS[:1], [11], 3, 1.0), atol=1e-4, rtol=0)
 
 
-def test_gradient_reaches_lora_and_nothing_else(sd_path):
-    gen = load_generator(sd_path)
-    assert gen.trainable_parameters() == []
-    params = gen.add_lora(LoraSpec(rank=2, alpha=2.0, target_modules=["to_q", "to_v"]))
-    names = {n for m in gen.modules().values() for n, p in m.named_parameters() if p.requires_grad}
-    assert names and all("lora_" in n for n in names)
-    assert all(p.dtype == torch.float32 for p in params)
-    r = gen.rollout(PROMPTS[:1], steps=3, guidance=3.0, eta=1.0, seed=0)
-    gen.step_log_prob(r, [0, 2]).sum().backward()
-    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in params)
-    frozen = [p for m in gen.modules().values() for p in m.parameters() if not p.requires_grad]
-    assert all(p.grad is None for p in frozen)
-
-
 def train_a_few_steps(gen, steps: int = 3) -> None:
     """Three Adam steps pushing the log-prob of one sample up and another's down (a toy policy gradient)."""
     optimizer = torch.optim.Adam(gen.trainable_parameters(), lr=5e-2)
@@ -123,6 +109,20 @@ def trained_lora(sd_path, tmp_path_factory):
     return gen, out, changed
 
 
+def test_gradient_reaches_lora_and_nothing_else(trained_lora):
+    gen = trained_lora[0]
+    params = gen.trainable_parameters()
+    names = {n for m in gen.modules().values() for n, p in m.named_parameters() if p.requires_grad}
+    assert names and all("lora_" in n for n in names)
+    assert all(p.dtype == torch.float32 for p in params)
+    gen.pipeline.unet.zero_grad(set_to_none=True)
+    r = gen.rollout(PROMPTS[:1], steps=3, guidance=3.0, eta=1.0, seed=0)
+    gen.step_log_prob(r, [0, 2]).sum().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in params)
+    frozen = [p for m in gen.modules().values() for p in m.parameters() if not p.requires_grad]
+    assert frozen and all(p.grad is None for p in frozen)
+
+
 def test_training_changes_every_lora_parameter(trained_lora):
     _, _, changed = trained_lora
     assert changed and all(changed)
@@ -138,7 +138,7 @@ def test_saved_lora_loads_into_stock_diffusers_and_matches(trained_lora, sd_path
     assert (base - stock).abs().max() > 1e-3  # the LoRA does change the image, so the match above means something
 
 
-def test_visalign_load_reads_its_lora_back(trained_lora, sd_path):
+def test_visalign_load_reads_its_lora_back(trained_lora, sd_path, sd):
     gen, lora_dir, _ = trained_lora
     loaded = load_generator(sd_path, lora=lora_dir)
     assert loaded.lora.rank == 4 and loaded.trainable_parameters()
@@ -147,11 +147,11 @@ def test_visalign_load_reads_its_lora_back(trained_lora, sd_path):
     torch.testing.assert_close(a.log_probs, b.log_probs, atol=1e-4, rtol=0)
     with loaded.lora_disabled():
         base = loaded.rollout(PROMPTS, steps=3, guidance=3.0, eta=0.0, seed=2).media
-    torch.testing.assert_close(base, load_generator(sd_path).rollout(PROMPTS, steps=3, guidance=3.0, eta=0.0,
-                                                                     seed=2).media, atol=1e-5, rtol=0)
+    torch.testing.assert_close(base, sd.rollout(PROMPTS, steps=3, guidance=3.0, eta=0.0, seed=2).media, atol=1e-5,
+                               rtol=0)
 
 
-def test_full_finetune_saves_a_pipeline_folder(sd_path, tmp_path):
+def test_full_finetune_saves_a_pipeline_folder(sd_path, sd, tmp_path):
     gen = load_generator(sd_path)
     gen.train_full()
     train_a_few_steps(gen, steps=1)
@@ -161,21 +161,22 @@ def test_full_finetune_saves_a_pipeline_folder(sd_path, tmp_path):
     a = gen.rollout(PROMPTS, steps=3, guidance=3.0, eta=0.0, seed=4).media
     b = reloaded.rollout(PROMPTS, steps=3, guidance=3.0, eta=0.0, seed=4).media
     torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
-    assert (a - load_generator(sd_path).rollout(PROMPTS, steps=3, guidance=3.0, eta=0.0, seed=4).media).abs().max() > 0
+    assert (a - sd.rollout(PROMPTS, steps=3, guidance=3.0, eta=0.0, seed=4).media).abs().max() > 0
 
 
-def test_gradient_checkpointing_gives_the_same_gradient(sd_path):
+def test_gradient_checkpointing_gives_the_same_gradient(trained_lora):
+    gen = trained_lora[0]
+    r = gen.rollout(PROMPTS[:1], steps=2, guidance=3.0, eta=1.0, seed=0)
     grads = []
     for checkpointing in (False, True):
-        gen = load_generator(sd_path)
-        torch.manual_seed(0)
-        gen.add_lora(LoraSpec(rank=2, alpha=2.0))
         gen.set_gradient_checkpointing(checkpointing)
-        gen.denoiser.train()  # diffusers only checkpoints in training mode; the tiny UNet has no dropout
-        r = gen.rollout(PROMPTS[:1], steps=2, guidance=3.0, eta=1.0, seed=0)
+        gen.denoiser.train(checkpointing)  # diffusers only checkpoints in training mode; the tiny UNet has no dropout
+        gen.denoiser.zero_grad(set_to_none=True)
         gen.step_log_prob(r, [0, 1]).sum().backward()
         grads.append(torch.cat([p.grad.flatten() for p in gen.trainable_parameters()]))
-    assert grads[0].abs().sum() > 0
+    gen.set_gradient_checkpointing(False)
+    gen.denoiser.eval()
+    assert gen.denoiser.is_gradient_checkpointing is False and grads[0].abs().sum() > 0
     torch.testing.assert_close(grads[0], grads[1], atol=1e-5, rtol=1e-4)
 
 
