@@ -40,6 +40,8 @@ GENERATORS: Registry[type[GeneratorAdapter]] = Registry("generator pipeline clas
     "TextToVideoSDPipeline": "visalign.generators.unet_video:TextToVideoSDAdapter",
     "StableDiffusion3Pipeline": "visalign.generators.flow:StableDiffusion3Adapter",
     "FluxPipeline": "visalign.generators.flow:FluxAdapter",
+    "WanPipeline": "visalign.generators.flow_video:WanAdapter",
+    "CogVideoXPipeline": "visalign.generators.cogvideox:CogVideoXAdapter",
 })
 
 # Families for the error message: a user with an unsupported class wants to know what *kinds* of model work.
@@ -47,6 +49,8 @@ FAMILIES = {
     "UNet + DDIM (η > 0)": ["StableDiffusionPipeline", "StableDiffusionXLPipeline"],
     "UNet video + DDIM (η > 0)": ["AnimateDiffPipeline", "TextToVideoSDPipeline"],
     "flow matching + SDE (image)": ["StableDiffusion3Pipeline", "FluxPipeline"],
+    "flow matching + SDE (video)": ["WanPipeline"],
+    "CogVideoX (v-prediction DDIM, η > 0)": ["CogVideoXPipeline"],
 }
 
 

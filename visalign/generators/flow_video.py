@@ -1,0 +1,107 @@
+"""Flow-matching video families with an SDE sampler and exact per-step log-probs: Wan 2.x (text-to-video).
+
+Builds on :class:`visalign.generators.flow.FlowMatchingAdapter` (schedule, SDE transition, windows) and
+:func:`visalign.generators.flow_sde.sde_step`, whose noise level broadcasts over every non-batch dim of the 5-D
+latents ``[B, C, F', h, w]``. The denoiser call mirrors diffusers' ``WanPipeline.__call__`` (release v0.42.1): two
+forward passes (conditional, then unconditional) combined as ``u + w·(c − u)``, float32 latents cast to the
+transformer's dtype, per-token timesteps when ``expand_timesteps`` (Wan 2.2 TI2V), and the VAE's per-channel latent
+mean/std undone before decoding. With noise level 0 a rollout reproduces the stock pipeline's video (tested to 1e-4).
+
+LTX-Video is not served yet: see the module docstring of the tests (tests/generators/test_flow_video.py) and the
+report for why.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from visalign.generators.base import Condition, SamplingPlan, guide, uses_cfg
+from visalign.generators.flow import FlowMatchingAdapter
+from visalign.media import from_vae_range
+
+
+class WanAdapter(FlowMatchingAdapter):
+    """Wan 2.1 / 2.2 single-transformer text-to-video (``WanPipeline``).
+
+    Wan 2.2 A14B's two-expert variant (``transformer_2`` with a ``boundary_ratio``) is refused with a clear error:
+    LoRA, checkpoints and the per-step denoiser switch would all need a second trainable module.
+    """
+
+    family = "wan"
+    modality = "video"
+    pipeline_classes = ("WanPipeline",)
+    max_sequence_length = 512  # the stock pipeline's default; rollouts must use the same for parity
+    default_num_frames = 81
+
+    def __init__(self, pipeline: Any, **kwargs: Any) -> None:
+        if getattr(pipeline, "transformer_2", None) is not None:
+            raise ValueError("This Wan pipeline has two transformers (Wan 2.2 A14B experts); visalign trains one "
+                             "denoiser. Use a single-transformer Wan (2.1, or 2.2 TI2V-5B).")
+        super().__init__(pipeline, **kwargs)
+
+    def vae_scale_factor(self) -> int:
+        return int(self.pipeline.vae_scale_factor_spatial)
+
+    @property
+    def resolution_multiple(self) -> int:
+        return int(self.denoiser.config.patch_size[1])
+
+    def default_resolution(self) -> tuple[int, int]:
+        return 480, 832
+
+    def latent_shape(self, height: int, width: int, num_frames: int | None) -> tuple[int, ...]:
+        frames = num_frames or self.default_num_frames
+        temporal = int(self.pipeline.vae_scale_factor_temporal)
+        if (frames - 1) % temporal:
+            lower = (frames - 1) // temporal * temporal + 1
+            raise ValueError(f"num_frames={frames} must be 1 + a multiple of {temporal} (the VAE's temporal factor); "
+                             f"use {lower} or {lower + temporal}.")
+        f = self.vae_scale_factor()
+        return (int(self.denoiser.config.in_channels), (frames - 1) // temporal + 1, height // f, width // f)
+
+    def encode_condition(self, prompts: list[str], negative_prompts: list[str], guidance: float, *, height: int,
+                         width: int) -> Condition:
+        cfg = uses_cfg(guidance)
+        embeds, neg = self.pipeline.encode_prompt(
+            prompt=prompts, negative_prompt=negative_prompts if cfg else None, do_classifier_free_guidance=cfg,
+            num_videos_per_prompt=1, max_sequence_length=self.max_sequence_length, device=self.device)
+        dtype = self.denoiser.dtype
+        return Condition(embeds.to(dtype), neg.to(dtype) if cfg else None)
+
+    def set_timesteps(self, steps: int) -> None:
+        self.pipeline.scheduler.set_timesteps(steps, device=self.device)
+
+    def initial_noise_scale(self) -> float:
+        return 1.0
+
+    def velocity(self, plan: SamplingPlan, latents: Tensor, step_index: int) -> Tensor:
+        cfg, cond = self._cfg_inputs(plan)
+        x = latents.to(self.denoiser.dtype)
+        t = plan.timesteps[step_index]
+        if self.pipeline.config.expand_timesteps:
+            # One timestep per latent token (Wan 2.2 TI2V): the stock pipeline's mask[0][0][:, ::2, ::2] * t.
+            timestep = (torch.ones_like(x[0, 0, :, ::2, ::2], dtype=torch.float32) * t).flatten()
+            timestep = timestep.unsqueeze(0).expand(x.shape[0], -1)
+        else:
+            timestep = t.expand(x.shape[0])
+        pred = self.denoiser(hidden_states=x, timestep=timestep, encoder_hidden_states=cond.embeds,
+                             return_dict=False)[0]
+        if cfg:
+            uncond = self.denoiser(hidden_states=x, timestep=timestep, encoder_hidden_states=cond.negative_embeds,
+                                   return_dict=False)[0]
+            pred = guide(uncond, pred, plan.guidance)
+        return pred
+
+    def decode(self, latents: Tensor, *, grad: bool = False) -> Tensor:
+        """``[B, C, F', h, w]`` latents → float32 videos ``[B, F, 3, H, W]`` in [0, 1]."""
+        vae = self.pipeline.vae
+        z_dim = vae.config.z_dim
+        with torch.set_grad_enabled(grad and torch.is_grad_enabled()):
+            z = latents.to(vae.dtype)
+            mean = torch.tensor(vae.config.latents_mean).view(1, z_dim, 1, 1, 1).to(z.device, z.dtype)
+            inv_std = 1.0 / torch.tensor(vae.config.latents_std).view(1, z_dim, 1, 1, 1).to(z.device, z.dtype)
+            video = vae.decode(z / inv_std + mean, return_dict=False)[0]
+        return from_vae_range(video.float().permute(0, 2, 1, 3, 4))
