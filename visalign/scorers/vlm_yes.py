@@ -42,6 +42,7 @@ DEFAULT_PAIRWISE_TEMPLATE = (
 )
 MODES = ("pointwise", "pairwise", "multi-question")
 SCORES = ("p_yes", "p_yes_renorm")
+_SENTINEL = "\u2063VISALIGN-QUESTION\u2063"  # invisible separators: never part of a real question
 
 
 def answer_token_ids(tokenizer: Any, words: list[str]) -> list[int]:
@@ -181,10 +182,11 @@ class VlmYesScorer(Scorer):
         if shared:
             raise ValueError(f"Scorer {self.id!r}: yes and no answers share token ids {sorted(shared)}.")
         self.processor, self.model = processor, model
+        self._render_cache: dict[int, str | None] = {}
 
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()
-        for key in ("processor", "model", "family", "yes_ids", "no_ids"):
+        for key in ("processor", "model", "family", "yes_ids", "no_ids", "_render_cache"):
             state.pop(key, None)  # reloaded lazily in the worker, like the weights
         return state
 
@@ -192,10 +194,24 @@ class VlmYesScorer(Scorer):
     def render(self, question: str, num_images: int) -> str:
         """The chat-template text of one query, ending where the model's answer starts.
 
+        The template is rendered once per image count with a sentinel in place of the question, and the question
+        is substituted into that text: Jinja rendering per sample was a visible share of the per-image cost. A
+        template that transforms the question text (the sentinel does not come back verbatim, exactly once) is
+        rendered in full for every query instead.
+
         Args:
             question: the final user question.
             num_images: how many image placeholders precede it in the user turn.
         """
+        cache = self.__dict__.setdefault("_render_cache", {})
+        if num_images not in cache:
+            text = self._render_full(_SENTINEL, num_images)
+            cache[num_images] = text if text.count(_SENTINEL) == 1 else None
+        if cache[num_images] is None:
+            return self._render_full(question, num_images)
+        return cache[num_images].replace(_SENTINEL, question)
+
+    def _render_full(self, question: str, num_images: int) -> str:
         system = str(self.system) if self.system else ""
         messages: list[dict[str, Any]] = []
         if system and self.family.system_turn:
