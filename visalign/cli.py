@@ -12,6 +12,7 @@ import sys
 
 COMMANDS: dict[str, str] = {
     "scorers": "visalign.commands.scorers",
+    "sample": "visalign.commands.sample",
     "score": "visalign.commands.score",
     "train": "visalign.commands.train",
     "convert-weights": "visalign.commands.convert_weights",

@@ -1,0 +1,75 @@
+"""Run logs: JSONL metrics always, TensorBoard when installed, wandb when asked; image grids as PNG."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from visalign.media import make_grid, save_image
+
+
+class RunLogger:
+    """Writes ``metrics.jsonl`` (one object per iteration, flushed) and mirrors scalars to the backends."""
+
+    def __init__(self, run_dir: str | Path, *, tensorboard: bool = True, wandb: bool = False,
+                 config: dict[str, Any] | None = None) -> None:
+        self.run_dir = Path(run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self._jsonl = open(self.run_dir / "metrics.jsonl", "a", encoding="utf-8")
+        self._tb = None
+        self._wandb = None
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:  # tensorboard is optional ([plots]/[dev] extras); JSONL always works
+                SummaryWriter = None
+            if SummaryWriter is not None:
+                self._tb = SummaryWriter(str(self.run_dir / "tensorboard"))
+        if wandb:
+            try:
+                import wandb as wandb_module
+            except ImportError:
+                raise ImportError("run.wandb is true but wandb is not installed: pip install wandb, or set "
+                                  "run.wandb=false.") from None
+            self._wandb = wandb_module.init(dir=str(self.run_dir), config=config or {})
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in metrics.items()}
+        self._jsonl.write(json.dumps({"step": step, **clean}) + "\n")
+        self._jsonl.flush()
+        for key, value in metrics.items():
+            if isinstance(value, (int, float)) and math.isfinite(value):
+                if self._tb is not None:
+                    self._tb.add_scalar(key, value, step)
+        if self._wandb is not None:
+            self._wandb.log(metrics, step=step)
+
+    def grid(self, step: int, media: torch.Tensor, columns: int, tag: str = "eval") -> Path:
+        """Save a grid of images ``[N, 3, H, W]`` (videos: first frame) to ``grids/{tag}-{step:06d}.png``."""
+        if media.ndim == 5:
+            media = media[:, 0]
+        folder = self.run_dir / "grids"
+        folder.mkdir(exist_ok=True)
+        path = folder / f"{tag}-{step:06d}.png"
+        grid = make_grid(media.detach().float().cpu(), columns=columns)
+        save_image(grid, path)
+        if self._tb is not None:
+            self._tb.add_image(tag, grid, step)
+        return path
+
+    def close(self) -> None:
+        self._jsonl.close()
+        if self._tb is not None:
+            self._tb.close()
+        if self._wandb is not None:
+            self._wandb.finish()
+
+
+def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
+    """The rows of a run's ``metrics.jsonl``."""
+    path = Path(run_dir) / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

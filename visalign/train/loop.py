@@ -1,0 +1,311 @@
+"""The online training loop: rollout → score → advantages → objective update, with checkpoints and logs.
+
+Each stage is its own method (STYLE.md §2.2). Everything random in an iteration (prompts, noise, step subsets,
+the objective's shuffles) is derived from ``(run.seed, iteration)``, so a run resumed from a checkpoint replays
+exactly what an uninterrupted run would have done.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from visalign.config import to_dict
+from visalign.generators import LoraSpec, load_generator, select_train_steps
+from visalign.objectives.base import UpdateBatch, UpdateContext, build_objective
+from visalign.scorers import ScoreBatch
+from visalign.scorers.aggregate import pareto_mask
+from visalign.scorers.compose import RewardOutput, RewardSpec
+from visalign.train.advantages import group_index
+from visalign.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from visalign.train.config import TrainConfig
+from visalign.train.diagnostics import CollapseMonitor, group_diversity
+from visalign.train.logging import RunLogger
+from visalign.train.prompts import PromptStream, read_prompt_file
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (e.g. every sample's reward is NaN); the message says what to check."""
+
+
+@dataclass
+class Scored:
+    """One iteration's rollout with its rewards, after NaN samples were dropped."""
+
+    batch: UpdateBatch
+    reward: RewardOutput
+    dropped: int
+
+
+class Trainer:
+    """Builds every component from a :class:`TrainConfig` and runs the loop."""
+
+    def __init__(self, config: TrainConfig) -> None:
+        self.config = config
+        self.run_dir = Path(config.run.output_dir)
+        _check_writable(self.run_dir)
+        torch.manual_seed(config.run.seed)
+        m = config.model
+        self.adapter = load_generator(m.model, dtype=m.dtype, device=m.device)
+        if m.lora_rank > 0:
+            self.adapter.add_lora(LoraSpec(rank=m.lora_rank, alpha=m.lora_alpha, target_modules=list(m.lora_targets)))
+        else:
+            self.adapter.train_full()
+        if m.gradient_checkpointing:
+            self.adapter.set_gradient_checkpointing(True)
+        self.params = {n: p for n, p in self.adapter.denoiser.named_parameters() if p.requires_grad}
+        self.reward = RewardSpec.from_config({"terms": config.reward.terms, "aggregation": config.reward.aggregation,
+                                              "advantage": config.reward.advantage, "device": m.device})
+        self.eval_reward = (RewardSpec.from_config({"terms": config.eval.scorers, "device": m.device})
+                            if config.eval.scorers else self.reward)
+        self.objective = build_objective(config.objective.name, config.objective.params)
+        o = config.optim
+        self.optimizer = torch.optim.AdamW(self.params.values(), lr=o.lr, betas=tuple(o.betas),
+                                           weight_decay=o.weight_decay)
+        warmup = max(o.warmup_steps, 0)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0)
+        self.ema = {n: p.detach().clone() for n, p in self.params.items()} if o.ema_decay else None
+        self.prompts = PromptStream(read_prompt_file(config.sample.prompts), seed=config.run.seed)
+        if config.sample.prompts_per_step > len(self.prompts.prompts):
+            raise ValueError(f"sample.prompts_per_step is {config.sample.prompts_per_step} but {config.sample.prompts}"
+                             f" has only {len(self.prompts.prompts)} prompts; lower it or add prompts.")
+        self.eval_prompts = (read_prompt_file(config.eval.prompts)[: config.eval.max_prompts]
+                             if config.eval.prompts else [])
+        self.iteration = 0
+        self.optimizer_steps = 0
+        self.collapse = CollapseMonitor()
+        self.logger: RunLogger | None = None
+
+    # ------------------------------------------------------------ stages
+
+    def _seed(self, salt: int) -> int:
+        return (self.config.run.seed * 1_000_003 + self.iteration * 7919 + salt) % (2**31 - 1)
+
+    def sample(self) -> Any:
+        s = self.config.sample
+        res = self.config.model.resolution
+        prompts = self.prompts.take(s.prompts_per_step)
+        return self.adapter.rollout(prompts, images_per_prompt=s.images_per_prompt, steps=s.steps,
+                                    guidance=s.guidance, eta=s.eta, seed=self._seed(1),
+                                    negative_prompt=s.negative_prompt, height=res, width=res)
+
+    def score(self, rollout: Any) -> Scored:
+        reward = self.reward(ScoreBatch(prompts=rollout.prompts, media=rollout.media), group_ids=rollout.prompts)
+        finite = torch.isfinite(reward.total)
+        if not finite.any():
+            raise TrainingError(f"Every sample's reward is NaN at iteration {self.iteration} (terms "
+                                f"{self.reward.names}); a scorer abstains on all of them — check its inputs.")
+        groups = group_index(rollout.prompts, len(rollout))
+        keep = finite.clone()
+        if self.config.objective.pareto:
+            stacked = torch.stack([reward.per_scorer[n] for n in self.reward.names], dim=1)
+            keep &= pareto_mask(torch.nan_to_num(stacked, nan=-math.inf))
+        weights = torch.ones(len(rollout))
+        if self.config.objective.uncertainty_weights:
+            for key, value in reward.extras.items():
+                if key.endswith("/weight") and value.shape == weights.shape:
+                    weights = weights * value.detach().float().cpu()
+        advantages = torch.nan_to_num(reward.advantages.detach().float().cpu(), nan=0.0)
+        batch = UpdateBatch(rollout=rollout, rewards=torch.nan_to_num(reward.total.detach().float().cpu(), nan=0.0),
+                            per_scorer={k: v.detach().cpu() for k, v in reward.per_scorer.items()},
+                            advantages=torch.where(keep, advantages, torch.zeros_like(advantages)),
+                            group_ids=groups, weights=weights, keep=keep)
+        return Scored(batch, reward, int((~finite).sum()))
+
+    def train_steps(self, num_steps: int) -> list[int]:
+        s = self.config.sample
+        steps = select_train_steps(num_steps, fraction=s.train_fraction)
+        if s.train_steps_per_update and s.train_steps_per_update < len(steps):
+            g = torch.Generator().manual_seed(self._seed(2))
+            pick = torch.randperm(len(steps), generator=g)[: s.train_steps_per_update]
+            steps = sorted(steps[i] for i in pick.tolist())
+        return steps
+
+    def update(self, scored: Scored) -> dict[str, float]:
+        self.adapter.denoiser.train(False)  # dropout stays off: it would break the ratio-1 invariant
+        ctx = UpdateContext(self.adapter, self.train_steps(scored.batch.rollout.num_steps), self._optimizer_step,
+                            torch.Generator().manual_seed(self._seed(3)))
+        return self.objective.update(scored.batch, ctx)
+
+    def _optimizer_step(self) -> float:
+        params = list(self.params.values())
+        max_norm = self.config.optim.max_grad_norm
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.optimizer_steps += 1
+        if self.ema is not None:
+            decay = self.config.optim.ema_decay
+            with torch.no_grad():
+                for name, p in self.params.items():
+                    self.ema[name].mul_(decay).add_(p.detach(), alpha=1 - decay)
+        return float(norm)
+
+    # ------------------------------------------------------------ evaluation
+
+    def evaluate(self) -> dict[str, float]:
+        """Score fixed-seed samples of the eval prompts with the eval scorers (EMA weights when on)."""
+        if not self.eval_prompts:
+            return {}
+        e = self.config.eval
+        res = self.config.model.resolution
+        with self._ema_weights():
+            rollout = self.adapter.rollout(self.eval_prompts, images_per_prompt=1, steps=e.steps or
+                                           self.config.sample.steps, guidance=self.config.sample.guidance, eta=e.eta,
+                                           seed=e.seed, negative_prompt=self.config.sample.negative_prompt,
+                                           height=res, width=res)
+        out = self.eval_reward(ScoreBatch(prompts=rollout.prompts, media=rollout.media))
+        metrics = {f"eval/{k}": v for k, v in out.metrics().items() if k.startswith("reward")}
+        if self.logger is not None:
+            self.logger.grid(self.iteration, rollout.media, columns=min(8, len(self.eval_prompts)))
+        return metrics
+
+    @contextlib.contextmanager
+    def _ema_weights(self) -> Iterator[None]:
+        """Inside the block the trainable weights are the EMA's (a no-op without EMA)."""
+        if self.ema is None:
+            yield
+            return
+        saved = {n: p.detach().clone() for n, p in self.params.items()}
+        with torch.no_grad():
+            for n, p in self.params.items():
+                p.copy_(self.ema[n])
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for n, p in self.params.items():
+                    p.copy_(saved[n])
+
+    # ------------------------------------------------------------ checkpoints
+
+    def save_checkpoint(self) -> Path:
+        extra = {"torch_rng": torch.get_rng_state()}
+        if self.ema is not None:
+            extra.update({f"ema.{n}": t for n, t in self.ema.items()})
+        state = {"iteration": self.iteration, "optimizer_steps": self.optimizer_steps,
+                 "scheduler": self.scheduler.state_dict(), "prompts": self.prompts.state_dict(),
+                 "reward": self.reward.state_dict(), "collapse_initial": self.collapse.initial}
+        return save_checkpoint(self.run_dir, self.iteration, params=self.params, optimizer=self.optimizer,
+                               extra_tensors=extra, state=state, keep_last=self.config.run.keep_last)
+
+    def resume(self) -> bool:
+        """Restore the newest complete checkpoint of ``run.output_dir``; False when there is none."""
+        path = latest_checkpoint(self.run_dir)
+        if path is None:
+            return False
+        params, optimizer, extra, state = load_checkpoint(path)
+        missing = set(self.params) - set(params)
+        if missing:
+            raise TrainingError(f"Checkpoint {path} lacks {len(missing)} trainable tensors (e.g. {sorted(missing)[:2]}"
+                                "); it was written by a different model or LoRA configuration.")
+        with torch.no_grad():
+            for name, p in self.params.items():
+                p.copy_(params[name])
+        self.optimizer.load_state_dict(optimizer)
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.prompts.load_state_dict(state["prompts"])
+        self.reward.load_state_dict(state["reward"])
+        torch.set_rng_state(extra["torch_rng"])
+        if self.ema is not None:
+            self.ema = {n: extra[f"ema.{n}"].clone() for n in self.params}
+        self.iteration = int(state["iteration"])
+        self.optimizer_steps = int(state["optimizer_steps"])
+        self.collapse.initial = state.get("collapse_initial")
+        return True
+
+    # ------------------------------------------------------------ the loop
+
+    def run(self, resume: bool = True) -> dict[str, Any]:
+        """Train for ``run.iterations`` iterations (continuing a checkpoint when ``resume``); return the summary."""
+        from tqdm import tqdm
+
+        r = self.config.run
+        resumed = self.resume() if resume else False
+        (self.run_dir / "config.json").write_text(json.dumps(to_dict(self.config), indent=1))
+        self.logger = RunLogger(self.run_dir, tensorboard=r.tensorboard, wandb=r.wandb, config=to_dict(self.config))
+        first_eval = self.evaluate() if not resumed else {}
+        if first_eval:
+            self.logger.log(self.iteration, first_eval)
+        bar = tqdm(total=r.iterations, initial=self.iteration, disable=not r.progress, unit="it", dynamic_ncols=True)
+        history: list[dict[str, float]] = []
+        try:
+            while self.iteration < r.iterations:
+                metrics = self.one_iteration()
+                history.append(metrics)
+                bar.update(1)
+                bar.set_postfix(reward=f"{metrics['reward']:.4f}", refresh=False)
+                if self.iteration % r.checkpoint_every == 0 or self.iteration == r.iterations:
+                    self.save_checkpoint()
+        finally:
+            bar.close()
+        final_eval = self.evaluate()
+        if final_eval:
+            self.logger.log(self.iteration, final_eval)
+        with self._ema_weights():
+            self.adapter.save(self.run_dir / "final")
+        summary = self._summary(history, first_eval, final_eval)
+        (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+        self.logger.close()
+        return summary
+
+    def one_iteration(self) -> dict[str, float]:
+        t0 = time.perf_counter()
+        rollout = self.sample()
+        t1 = time.perf_counter()
+        scored = self.score(rollout)
+        t2 = time.perf_counter()
+        update = self.update(scored)
+        t3 = time.perf_counter()
+        self.iteration += 1
+        metrics: dict[str, float] = {**scored.reward.metrics(), **update}
+        metrics.update({"nan_dropped": float(scored.dropped), "lr": self.scheduler.get_last_lr()[0],
+                        "time/sample": t1 - t0, "time/score": t2 - t1, "time/update": t3 - t2,
+                        "samples_per_second": len(rollout) / (t3 - t0),
+                        "advantage_abs_mean": float(scored.batch.advantages.abs().mean()),
+                        "diversity": group_diversity(rollout.media.cpu(), scored.batch.group_ids)})
+        warning = self.collapse.check(metrics.get("reward_std", float("nan")))
+        if warning:
+            metrics["collapse_warning"] = 1.0
+        if self.eval_prompts and self.config.eval.every and self.iteration % self.config.eval.every == 0:
+            metrics.update(self.evaluate())
+        if self.config.run.grid_every and self.iteration % self.config.run.grid_every == 0:
+            self.logger.grid(self.iteration, rollout.media, columns=self.config.sample.images_per_prompt,
+                             tag="train")
+        self.logger.log(self.iteration, metrics)
+        return metrics
+
+    def _summary(self, history: list[dict[str, float]], first: dict[str, float], last: dict[str, float]
+                 ) -> dict[str, Any]:
+        def mean_of(rows: list[dict[str, float]], key: str) -> float:
+            vals = [r[key] for r in rows if key in r and math.isfinite(r[key])]
+            return sum(vals) / len(vals) if vals else float("nan")
+
+        k = max(1, len(history) // 5)
+        return {"iterations": self.iteration, "train_reward_first": mean_of(history[:k], "reward"),
+                "train_reward_last": mean_of(history[-k:], "reward"),
+                "eval_before": first, "eval_after": last,
+                "collapse_warnings": int(sum(r.get("collapse_warning", 0) for r in history)),
+                "final_weights": str(self.run_dir / "final")}
+
+
+def _check_writable(folder: Path) -> None:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".write-test-{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as err:
+        raise PermissionError(f"Cannot write to run.output_dir {folder} ({err.strerror}); choose a writable folder "
+                              "with run.output_dir=PATH.") from None
