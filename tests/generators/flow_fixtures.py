@@ -153,7 +153,7 @@ def build_wan(folder: Path) -> Path:
 
 
 def build_ltx(folder: Path) -> Path:
-    """LTXPipeline: 1-layer LTX transformer, tiny LTX VAE (×4 space/×... as diffusers' fast test)."""
+    """LTXPipeline: 1-layer LTX transformer, tiny LTX VAE (×4 space, ×4 time)."""
     from diffusers import (
         AutoencoderKLLTXVideo,
         FlowMatchEulerDiscreteScheduler,
@@ -169,8 +169,13 @@ def build_ltx(folder: Path) -> Path:
                                              num_attention_heads=4, attention_head_dim=8, cross_attention_dim=32,
                                              num_layers=1, caption_channels=32)
     torch.manual_seed(0)
+    # The decoder is given the encoder's sizes explicitly: its defaults in diffusers 0.42 upsample three times,
+    # which would decode to 4× the frames/pixels the pipeline's compression ratios predict.
     vae = AutoencoderKLLTXVideo(latent_channels=8, block_out_channels=(8, 8, 8, 8),
-                                spatio_temporal_scaling=(True, True, False, False), layers_per_block=(1, 1, 1, 1, 1),
+                                decoder_block_out_channels=(8, 8, 8, 8),
+                                spatio_temporal_scaling=(True, True, False, False),
+                                decoder_spatio_temporal_scaling=(True, True, False, False),
+                                layers_per_block=(1, 1, 1, 1, 1), decoder_layers_per_block=(1, 1, 1, 1, 1),
                                 patch_size=1, patch_size_t=1, encoder_causal=True, decoder_causal=False)
     pipe = LTXPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=t5_encoder(),
                        tokenizer=t5_tokenizer(), transformer=transformer)

@@ -41,6 +41,7 @@ GENERATORS: Registry[type[GeneratorAdapter]] = Registry("generator pipeline clas
     "StableDiffusion3Pipeline": "visalign.generators.flow:StableDiffusion3Adapter",
     "FluxPipeline": "visalign.generators.flow:FluxAdapter",
     "WanPipeline": "visalign.generators.flow_video:WanAdapter",
+    "LTXPipeline": "visalign.generators.flow_video:LTXAdapter",
     "CogVideoXPipeline": "visalign.generators.cogvideox:CogVideoXAdapter",
 })
 
@@ -49,7 +50,7 @@ FAMILIES = {
     "UNet + DDIM (η > 0)": ["StableDiffusionPipeline", "StableDiffusionXLPipeline"],
     "UNet video + DDIM (η > 0)": ["AnimateDiffPipeline", "TextToVideoSDPipeline"],
     "flow matching + SDE (image)": ["StableDiffusion3Pipeline", "FluxPipeline"],
-    "flow matching + SDE (video)": ["WanPipeline"],
+    "flow matching + SDE (video)": ["WanPipeline", "LTXPipeline"],
     "CogVideoX (v-prediction DDIM, η > 0)": ["CogVideoXPipeline"],
 }
 

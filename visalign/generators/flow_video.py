@@ -1,14 +1,13 @@
-"""Flow-matching video families with an SDE sampler and exact per-step log-probs: Wan 2.x (text-to-video).
+"""Flow-matching video families with an SDE sampler and exact per-step log-probs: Wan 2.x and LTX-Video.
 
 Builds on :class:`visalign.generators.flow.FlowMatchingAdapter` (schedule, SDE transition, windows) and
 :func:`visalign.generators.flow_sde.sde_step`, whose noise level broadcasts over every non-batch dim of the 5-D
 latents ``[B, C, F', h, w]``. The denoiser call mirrors diffusers' ``WanPipeline.__call__`` (release v0.42.1): two
 forward passes (conditional, then unconditional) combined as ``u + w·(c − u)``, float32 latents cast to the
 transformer's dtype, per-token timesteps when ``expand_timesteps`` (Wan 2.2 TI2V), and the VAE's per-channel latent
-mean/std undone before decoding. With noise level 0 a rollout reproduces the stock pipeline's video (tested to 1e-4).
-
-LTX-Video is not served yet: see the module docstring of the tests (tests/generators/test_flow_video.py) and the
-report for why.
+mean/std undone before decoding; and ``LTXPipeline.__call__``: one ``[uncond; cond]`` batch with attention masks,
+packed latent tokens with rotary interpolation scales, a resolution-dependent shift ``mu`` of the scheduler's sigmas.
+With noise level 0 a rollout reproduces the stock pipeline's video (tested to 1e-4).
 """
 
 from __future__ import annotations
@@ -104,4 +103,99 @@ class WanAdapter(FlowMatchingAdapter):
             mean = torch.tensor(vae.config.latents_mean).view(1, z_dim, 1, 1, 1).to(z.device, z.dtype)
             inv_std = 1.0 / torch.tensor(vae.config.latents_std).view(1, z_dim, 1, 1, 1).to(z.device, z.dtype)
             video = vae.decode(z / inv_std + mean, return_dict=False)[0]
+        return from_vae_range(video.float().permute(0, 2, 1, 3, 4))
+
+
+class LTXAdapter(FlowMatchingAdapter):
+    """LTX-Video text-to-video (``LTXPipeline``); latents are stored unpacked, ``[B, C, F', h, w]``.
+
+    Decoding uses the stock defaults ``decode_timestep = 0`` and ``decode_noise_scale = 0`` (no decode noise), so
+    decoding is deterministic; ``guidance_rescale`` is not applied (the stock default is 0).
+    """
+
+    family = "ltx"
+    modality = "video"
+    pipeline_classes = ("LTXPipeline",)
+    max_sequence_length = 128  # the stock pipeline's default
+    default_num_frames = 161
+    frame_rate = 25  # frames per second; sets the temporal rotary interpolation scale, as the stock default
+
+    def vae_scale_factor(self) -> int:
+        return int(self.pipeline.vae_spatial_compression_ratio)
+
+    @property
+    def resolution_multiple(self) -> int:
+        return int(self.pipeline.transformer_spatial_patch_size)
+
+    def default_resolution(self) -> tuple[int, int]:
+        return 512, 704
+
+    def latent_shape(self, height: int, width: int, num_frames: int | None) -> tuple[int, ...]:
+        frames = num_frames or self.default_num_frames
+        temporal = int(self.pipeline.vae_temporal_compression_ratio)
+        if (frames - 1) % temporal:
+            lower = (frames - 1) // temporal * temporal + 1
+            raise ValueError(f"num_frames={frames} must be 1 + a multiple of {temporal} (the VAE's temporal factor); "
+                             f"use {lower} or {lower + temporal}.")
+        f = self.vae_scale_factor()
+        return (int(self.denoiser.config.in_channels), (frames - 1) // temporal + 1, height // f, width // f)
+
+    def encode_condition(self, prompts: list[str], negative_prompts: list[str], guidance: float, *, height: int,
+                         width: int) -> Condition:
+        cfg = uses_cfg(guidance)
+        embeds, mask, neg, neg_mask = self.pipeline.encode_prompt(
+            prompt=prompts, negative_prompt=negative_prompts if cfg else None, do_classifier_free_guidance=cfg,
+            num_videos_per_prompt=1, max_sequence_length=self.max_sequence_length, device=self.device)
+        if not cfg:
+            return Condition(embeds, extras={"encoder_attention_mask": mask})
+        return Condition(embeds, neg, {"encoder_attention_mask": mask}, {"encoder_attention_mask": neg_mask})
+
+    def set_timesteps(self, steps: int) -> None:
+        import numpy as np
+        from diffusers.pipelines.ltx.pipeline_ltx import calculate_shift
+
+        scheduler = self.pipeline.scheduler
+        height, width, num_frames = self._size
+        _, frames, h, w = self.latent_shape(height, width, num_frames)
+        mu = calculate_shift(frames * h * w, scheduler.config.get("base_image_seq_len", 256),
+                             scheduler.config.get("max_image_seq_len", 4096), scheduler.config.get("base_shift", 0.5),
+                             scheduler.config.get("max_shift", 1.15))
+        scheduler.set_timesteps(sigmas=np.linspace(1.0, 1 / steps, steps), device=self.device, mu=mu)
+
+    def velocity(self, plan: SamplingPlan, latents: Tensor, step_index: int) -> Tensor:
+        from diffusers import LTXPipeline
+
+        cfg, cond = self._cfg_inputs(plan)
+        pipe = self.pipeline
+        p, p_t = pipe.transformer_spatial_patch_size, pipe.transformer_temporal_patch_size
+        _, _, frames, h, w = latents.shape
+        tokens = LTXPipeline._pack_latents(latents, p, p_t).to(self.dtype)
+        x_in = torch.cat([tokens, tokens]) if cfg else tokens
+        embeds = torch.cat([cond.negative_embeds, cond.embeds]) if cfg else cond.embeds
+        mask = cond.extras["encoder_attention_mask"]
+        if cfg:
+            mask = torch.cat([cond.negative_extras["encoder_attention_mask"], mask])
+        spatial = pipe.vae_spatial_compression_ratio
+        rope_scale = (pipe.vae_temporal_compression_ratio / self.frame_rate, spatial, spatial)
+        t = plan.timesteps[step_index].expand(x_in.shape[0])
+        pred = self.denoiser(hidden_states=x_in, encoder_hidden_states=embeds, timestep=t,
+                             encoder_attention_mask=mask, num_frames=frames // p_t, height=h // p, width=w // p,
+                             rope_interpolation_scale=rope_scale, return_dict=False)[0].float()
+        if cfg:
+            pred_uncond, pred_cond = pred.chunk(2)
+            pred = guide(pred_uncond, pred_cond, plan.guidance)
+        return LTXPipeline._unpack_latents(pred, frames // p_t, h // p, w // p, p, p_t)
+
+    def decode(self, latents: Tensor, *, grad: bool = False) -> Tensor:
+        """``[B, C, F', h, w]`` latents → float32 videos ``[B, F, 3, H, W]`` in [0, 1]."""
+        from diffusers import LTXPipeline
+
+        vae = self.pipeline.vae
+        with torch.set_grad_enabled(grad and torch.is_grad_enabled()):
+            z = LTXPipeline._denormalize_latents(latents.to(vae.dtype), vae.latents_mean, vae.latents_std,
+                                                  vae.config.scaling_factor)
+            timestep = None
+            if vae.config.timestep_conditioning:
+                timestep = torch.zeros(z.shape[0], device=z.device, dtype=z.dtype)  # stock decode_timestep = 0
+            video = vae.decode(z, timestep, return_dict=False)[0]
         return from_vae_range(video.float().permute(0, 2, 1, 3, 4))
