@@ -12,7 +12,13 @@ import torch
 
 from tests.generators import flow_fixtures
 from tests.generators.flow_fixtures import build_flux, build_sd3
-from visalign.generators import UnsupportedPipelineError, generator_class, load_generator, select_train_steps
+from visalign.generators import (
+    LoraSpec,
+    UnsupportedPipelineError,
+    generator_class,
+    load_generator,
+    select_train_steps,
+)
 
 PROMPTS = ["a red cube", "two blue circles"]
 SIZE = {"height": 16, "width": 16}
@@ -147,3 +153,25 @@ def test_bad_inputs_raise_clear_errors(flow_dir):
         flux.rollout(PROMPTS, steps=2, height=18, width=16)
     with pytest.raises(UnsupportedPipelineError, match="StableDiffusion3Pipeline"):
         generator_class("KandinskyPipeline")
+
+
+def test_bf16_rollout_replays_exactly_and_checkpointing_keeps_gradients(flow_dir):
+    # bf16: the sampled latents are rounded to bf16 before they are scored (METHODS §2 "dtype round-trip"), so the
+    # replay sees the very same values and the ratio stays 1 although the step arithmetic runs in fp32.
+    gen = load_generator(build_sd3(flow_dir), dtype="bf16")
+    gen.max_sequence_length = SEQ_LEN
+    gen.add_lora()
+    r = gen.rollout(PROMPTS, steps=2, guidance=4.0, eta=0.7, seed=0, **SIZE)
+    assert r.latents.dtype == torch.bfloat16 and r.log_probs.dtype == torch.float32
+    assert (gen.step_log_prob(r, [0, 1]) - r.log_probs).abs().max() < 1e-4
+
+    gen = _load("sd3", flow_dir)
+    params = gen.add_lora(LoraSpec(rank=2, alpha=2.0, init=True))
+    torch.nn.init.normal_(next(p for n, p in gen.denoiser.named_parameters() if "lora_B" in n), std=0.1)
+    r = gen.rollout(PROMPTS, steps=2, guidance=4.0, eta=0.7, seed=0, **SIZE)
+    plain = torch.autograd.grad(gen.step_log_prob(r, [0, 1]).sum(), params)
+    gen.set_gradient_checkpointing(True)
+    checkpointed = torch.autograd.grad(gen.step_log_prob(r, [0, 1]).sum(), params)
+    assert sum(g.abs().sum() for g in plain) > 0
+    for a, b in zip(plain, checkpointed, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
