@@ -130,3 +130,47 @@ def sd_other_path(unet_dir: Path) -> Path:
 @pytest.fixture(scope="session")
 def sdxl_path(unet_dir: Path) -> Path:
     return build_sdxl(unet_dir / "sdxl")
+
+
+def build_animatediff(folder: Path) -> Path:
+    """Tiny ``AnimateDiffPipeline``: SD UNet + one motion layer per block (32-px frames)."""
+    from diffusers import AnimateDiffPipeline, MotionAdapter, UNet2DConditionModel
+
+    if (folder / "model_index.json").is_file():
+        return folder
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(block_out_channels=(32, 64), layers_per_block=1, sample_size=16, in_channels=4,
+                                out_channels=4, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32,
+                                attention_head_dim=8, norm_num_groups=32)
+    motion = MotionAdapter(block_out_channels=(32, 64), motion_layers_per_block=1, motion_norm_num_groups=32,
+                           motion_num_attention_heads=4)
+    pipe = AnimateDiffPipeline(unet=unet, motion_adapter=motion, vae=tiny_vae(), text_encoder=clip_text_encoder(),
+                               tokenizer=write_clip_tokenizer(folder / "_tok"), scheduler=ddim_scheduler(),
+                               feature_extractor=None, image_encoder=None)
+    pipe.save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
+def build_text_to_video(folder: Path) -> Path:
+    """Tiny ``TextToVideoSDPipeline`` (ModelScope layout): a ``UNet3DConditionModel``."""
+    from diffusers import TextToVideoSDPipeline, UNet3DConditionModel
+
+    if (folder / "model_index.json").is_file():
+        return folder
+    torch.manual_seed(0)
+    unet = UNet3DConditionModel(block_out_channels=(32, 64), layers_per_block=1, sample_size=16, in_channels=4,
+                                out_channels=4, down_block_types=("CrossAttnDownBlock3D", "DownBlock3D"),
+                                up_block_types=("UpBlock3D", "CrossAttnUpBlock3D"), cross_attention_dim=32,
+                                attention_head_dim=8, norm_num_groups=32)
+    pipe = TextToVideoSDPipeline(unet=unet, vae=tiny_vae(), text_encoder=clip_text_encoder(),
+                                 tokenizer=write_clip_tokenizer(folder / "_tok"), scheduler=ddim_scheduler())
+    pipe.save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def video_paths(unet_dir: Path) -> dict[str, Path]:
+    """Pipeline class name → folder of its tiny video pipeline."""
+    return {"AnimateDiffPipeline": build_animatediff(unet_dir / "animatediff"),
+            "TextToVideoSDPipeline": build_text_to_video(unet_dir / "t2v")}
