@@ -79,6 +79,25 @@ class ScorerCard:
         return replace(self, weights={**self.weights, **(weights or {})}, params={**self.params, **(params or {})},
                        **fields)
 
+    def resolve_path(self, spec: str | os.PathLike[str]) -> Path:
+        """A path named in this card: absolute as is; relative against the folder above the card's folder (the
+        repository root for built-in cards), then the working directory. The first that exists wins.
+
+        Raises:
+            FileNotFoundError: naming the card, the path and every place tried.
+        """
+        path = Path(spec).expanduser()
+        if path.is_absolute():
+            return path
+        candidates = ([Path(self.source).resolve().parent.parent / path] if self.source else [])
+        candidates.append(Path.cwd() / path)
+        for candidate in candidates:
+            if candidate.exists():
+                return candidate
+        tried = ", ".join(str(c) for c in candidates)
+        raise FileNotFoundError(f"Path {str(spec)!r} of scorer {self.id!r} not found (tried {tried}). "
+                                "Pass an absolute path instead.")
+
     @property
     def weights_source(self) -> str:
         """A short human description of where weights come from (for ``visalign scorers list``)."""

@@ -24,6 +24,7 @@ Preprocessing is tensor operations only (resize the shortest side with antialias
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 from collections.abc import Iterator
@@ -379,7 +380,13 @@ class ClipScorer(Scorer):
         return float(self.card.params.get("lam", 0.3))
 
     def load(self) -> None:
-        self._backend = BACKENDS[self.card.weights["backend"]](self.id, self.card.weights, self.device, self.dtype)
+        weights = dict(self.card.weights)
+        if weights.get("local_dir"):
+            # A card's relative folder (the shipped shapes proxy) means the repository's, not the working directory's;
+            # a folder found nowhere is reported by the backend with the usual weights error.
+            with contextlib.suppress(FileNotFoundError):
+                weights["local_dir"] = str(self.card.resolve_path(weights["local_dir"]))
+        self._backend = BACKENDS[weights["backend"]](self.id, weights, self.device, self.dtype)
 
     # -- embeddings (public: exemplar-set rewards are built on them) --
     def embed_images(self, media: Tensor) -> Tensor:

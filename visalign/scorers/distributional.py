@@ -362,17 +362,10 @@ class DistributionalScorer(Scorer):
         """A folder spec → an existing path (see the class docstring for the search order); other specs as is."""
         if not isinstance(spec, (str, os.PathLike)):
             return spec
-        path = Path(spec).expanduser()
-        if path.is_absolute():
-            return path
-        candidates = ([Path(self.card.source).resolve().parent.parent / path] if self.card.source else [])
-        candidates.append(Path.cwd() / path)
-        for candidate in candidates:
-            if candidate.is_dir():
-                return candidate
-        tried = ", ".join(str(c) for c in candidates)
-        raise FileNotFoundError(f"Exemplar folder {str(spec)!r} of scorer {self.id!r} not found (tried {tried}). "
-                                "Pass an absolute folder, or a list of texts, as params.exemplars.")
+        try:
+            return self.card.resolve_path(spec)
+        except FileNotFoundError as err:
+            raise FileNotFoundError(f"Exemplar folder: {err} Or pass a list of texts as params.exemplars.") from None
 
     # Exemplar statistics are reloaded (from the disk cache) after unpickling instead of travelling in the pickle.
     def __getstate__(self) -> dict[str, Any]:

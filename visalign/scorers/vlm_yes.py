@@ -140,7 +140,10 @@ class VlmYesScorer(Scorer):
     def _source(self) -> str:
         w = self.card.weights
         if w.get("local_dir"):
-            folder = Path(str(w["local_dir"])).expanduser()
+            try:  # a card's relative folder (the shipped shapes proxy) means the repository's
+                folder = self.card.resolve_path(str(w["local_dir"]))
+            except FileNotFoundError:
+                folder = Path(str(w["local_dir"])).expanduser()
             if not (folder / "config.json").is_file():
                 raise WeightsUnavailableError(
                     f"Scorer {self.id!r}: local_dir {str(folder)!r} has no config.json; point it at a folder saved "

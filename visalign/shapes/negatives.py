@@ -1,0 +1,95 @@
+"""Hard-negative captions of the shapes world: one attribute changed, everything else kept.
+
+A learned proxy (the contrastive CLIP and the yes/no VLM of ``visalign shapes build``) is only useful as a reward
+if it tells "a red circle left of a blue square" from the captions that differ in exactly one bound attribute:
+swapped colours ("a blue circle left of a red square"), swapped shapes, the opposite relation or the objects in the
+other order, a wrong count, a wrong colour or shape. Bag-of-words features cannot separate those pairs, so they are
+what the proxies train against and what their accuracy is measured on (SHAPES-NOTES.md §4: the prototype's 86% /
+70% on such pairs was too weak to carry a reward).
+
+Every negative is *false* for any scene of the positive spec: a changed thing does not occur in the scene, a
+swapped order or opposite relation contradicts the layout's dominant axis, and a changed count is a different number
+of objects. The module is pure Python and seeded.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from visalign.shapes.world import COLOURS, COUNTS, RELATIONS, SHAPES, CountPrompt, PromptSpec, RelationPrompt, Thing
+
+# Which negatives exist for which prompt kind; binding negatives (swap_*) come first because they are the hard ones.
+NEGATIVE_KINDS: dict[str, tuple[str, ...]] = {
+    "single": ("colour", "shape", "count"),
+    "count": ("colour", "shape", "count"),
+    "relation": ("swap_colours", "swap_shapes", "swap_order", "relation", "colour", "shape"),
+}
+OPPOSITE = {"left_of": "right_of", "right_of": "left_of", "above": "below", "below": "above"}
+
+
+def _other(options: tuple[str, ...] | list[str], current: str, rng: np.random.Generator) -> str:
+    choices = [o for o in options if o != current]
+    return choices[int(rng.integers(len(choices)))]
+
+
+def _relation_negative(spec: RelationPrompt, kind: str, rng: np.random.Generator) -> RelationPrompt | None:
+    a, b = spec.first, spec.second
+    if kind == "swap_colours":
+        if a.colour == b.colour or a.shape == b.shape:
+            return None  # swapping equal colours changes nothing; equal shapes make it the order swap
+        return RelationPrompt(Thing(b.colour, a.shape), spec.relation, Thing(a.colour, b.shape))
+    if kind == "swap_shapes":
+        if a.shape == b.shape or a.colour == b.colour:
+            return None
+        return RelationPrompt(Thing(a.colour, b.shape), spec.relation, Thing(b.colour, a.shape))
+    if kind == "swap_order":
+        return RelationPrompt(b, spec.relation, a)
+    if kind == "relation":
+        # The opposite relation half of the time, a perpendicular one otherwise: both contradict the layout.
+        relation = OPPOSITE[spec.relation] if rng.random() < 0.5 else _other(RELATIONS, spec.relation, rng)
+        return RelationPrompt(a, relation, b)
+    which = int(rng.integers(2))
+    thing = (a, b)[which]
+    if kind == "colour":
+        changed = Thing(_other(list(COLOURS), thing.colour, rng), thing.shape)
+    else:
+        changed = Thing(thing.colour, _other(SHAPES, thing.shape, rng))
+    first, second = (changed, b) if which == 0 else (a, changed)
+    if first == second or changed in (a, b):
+        return None  # the changed thing would be the other object of the scene, which *is* present
+    return RelationPrompt(first, spec.relation, second)
+
+
+def hard_negative(spec: PromptSpec, kind: str, rng: np.random.Generator) -> PromptSpec | None:
+    """The spec with one attribute changed so that it is false for every scene of ``spec``; None if not possible.
+
+    Args:
+        spec: a still-image prompt (``CountPrompt`` or ``RelationPrompt``).
+        kind: one of ``NEGATIVE_KINDS[spec.kind]``.
+        rng: draws which colour/shape/count/object changes.
+    """
+    if kind not in NEGATIVE_KINDS.get(spec.kind, ()):
+        raise ValueError(f"No {kind!r} negative for a {spec.kind} prompt; use one of {NEGATIVE_KINDS.get(spec.kind)}.")
+    if isinstance(spec, RelationPrompt):
+        return _relation_negative(spec, kind, rng)
+    assert isinstance(spec, CountPrompt)
+    thing = spec.thing
+    if kind == "colour":
+        return CountPrompt(Thing(_other(list(COLOURS), thing.colour, rng), thing.shape), spec.count)
+    if kind == "shape":
+        return CountPrompt(Thing(thing.colour, _other(SHAPES, thing.shape, rng)), spec.count)
+    return CountPrompt(thing, int(_other([str(c) for c in COUNTS], str(spec.count), rng)))
+
+
+def sample_hard_negative(spec: PromptSpec, rng: np.random.Generator,
+                         kinds: tuple[str, ...] | None = None) -> tuple[str, PromptSpec]:
+    """A random applicable negative of ``spec``: ``(kind, negative spec)``.
+
+    Kinds are tried in a random order until one applies (every prompt has at least the colour negative).
+    """
+    options = list(kinds or NEGATIVE_KINDS[spec.kind])
+    for i in rng.permutation(len(options)):
+        negative = hard_negative(spec, options[int(i)], rng)
+        if negative is not None:
+            return options[int(i)], negative
+    raise ValueError(f"No hard negative of kinds {options} exists for {spec}.")
