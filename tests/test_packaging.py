@@ -30,3 +30,11 @@ def test_wheel_carries_every_card_and_a_plain_install_lists_them(tmp_path):
                          text=True).stdout.splitlines()
     assert out[0].startswith(str(target))  # imported from the install, not the checkout
     assert set(out[1].split(",")) >= {c[: -len(".yaml")] for c in cards}
+
+    # A card whose data ships in assets/ (an exemplar folder) works from the install, from another folder.
+    code = ("import torch; from visalign.scorers import ScoreBatch, get_scorer; "
+            "s = get_scorer('exemplar-centroid-color', params={'cache_dir': '.'}); "
+            "print(float(s(ScoreBatch(prompts=['x'], media=torch.rand(1, 3, 32, 32))).reward[0]))")
+    value = subprocess.run([sys.executable, "-c", code], check=True, cwd=tmp_path, env=env, capture_output=True,
+                           text=True).stdout.strip()
+    assert 0.0 <= float(value) <= 1.0

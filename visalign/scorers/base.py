@@ -177,7 +177,10 @@ class Scorer:
             if frames:
                 per_frame = raw.reshape(-1, frames)
                 raw = per_frame.mean(dim=1)
-                extras = {"per_frame": per_frame}
+                # Per-sample extras ([B·T, ...]) are averaged over frames; batch-level ones (0-d) are kept as they are.
+                extras = {k: (v.reshape(-1, frames, *v.shape[1:]).float().mean(dim=1)
+                              if v.ndim >= 1 and v.shape[0] == per_frame.numel() else v) for k, v in extras.items()}
+                extras["per_frame"] = per_frame
             reward = self.card.normalizer(raw)
         return ScoreOutput(reward=reward, raw=raw, extras=extras)
 
