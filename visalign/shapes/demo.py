@@ -1,0 +1,247 @@
+"""``visalign demo``: align the shipped shapes-world model with a learned proxy reward and show what changed.
+
+Stages (each announced on the console):
+
+1. load the shipped base pipeline (``assets/shapes/t2i``) through the ``visalign train`` Trainer (LoRA attached);
+2. *before*: sample the evaluation prompts with fixed seeds (DDIM, η = 0) and grade them with the exact oracle
+   (:mod:`visalign.shapes.oracle`) and with the proxy reward;
+3. align: the Trainer's own loop (GRPO by default) against the proxy (``shapes-clip`` by default); the oracle rides
+   along as a zero-weight reward term so its curve on the training samples is logged next to the proxy's;
+4. *after*: the same prompts and seeds again, so every image pairs with its before image;
+5. ``report.html``: before/after images per prompt, reward and oracle curves, a per-attribute table and the gap
+   between what the proxy says and what the oracle measures (METHODS.md §15, proxy vs gold).
+
+Evaluation prompts are never trained on: the alignment prompts are the shipped training compositions minus every
+composition that occurs in the evaluation sets (``heldin_eval.txt``: training compositions; ``heldout_compositions
+.txt``: relations the base model never saw).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+ORACLE_TERM = "oracle"
+
+
+@dataclass
+class DemoConfig:
+    """Everything ``visalign demo`` can change; defaults finish in under 10 minutes on 2 CPU cores."""
+
+    base_model: str = field(default="assets/shapes/t2i", metadata={"help": "Base pipeline folder to align."})
+    prompts_dir: str = field(default="assets/shapes/prompts", metadata={"help": "Folder of the shipped prompt sets."})
+    reward: str = field(default="shapes-clip", metadata={
+        "help": "Scorer id of the training reward: shapes-clip, shapes-vlm, shapes-oracle or any registered id."})
+    objective: str = field(default="grpo", metadata={"help": "Objective id of the visalign train loop."})
+    objective_params: dict[str, Any] = field(default_factory=dict, metadata={"help": "Objective hyper-parameters."})
+    iterations: int = field(default=30, metadata={"help": "Rollout → score → update iterations."})
+    prompts_per_step: int = field(default=4, metadata={"help": "Distinct prompts per iteration."})
+    images_per_prompt: int = field(default=8, metadata={"help": "Group size G per prompt."})
+    steps: int = field(default=10, metadata={"help": "DDIM steps of training rollouts (η = 1)."})
+    train_steps_per_update: int | None = field(default=4, metadata={
+        "help": "Random denoising steps trained per update; null = all."})
+    guidance: float = field(default=4.0, metadata={"help": "Classifier-free guidance scale."})
+    lr: float = field(default=3e-4, metadata={"help": "AdamW learning rate of the LoRA weights."})
+    lora_rank: int = field(default=8, metadata={"help": "LoRA rank (0 = full fine-tune)."})
+    align_kinds: list[str] = field(default_factory=lambda: ["count", "relation"], metadata={
+        "help": "Prompt kinds aligned on (singles are almost always right, so their groups carry no signal)."})
+    eval_heldin: int = field(default=48, metadata={"help": "Held-in evaluation prompts (first N of heldin_eval)."})
+    eval_heldout: int = field(default=48, metadata={"help": "Held-out prompts (first N of heldout_compositions)."})
+    eval_steps: int = field(default=20, metadata={"help": "DDIM steps of the η = 0 evaluation samples."})
+    grid_prompts: int = field(default=16, metadata={"help": "Prompts per set shown before/after in the report."})
+    seed: int = field(default=0, metadata={"help": "Seed of the alignment run (prompts, noise)."})
+    eval_seed: int = field(default=1234, metadata={"help": "Seed of the evaluation noise (same before and after)."})
+    output_dir: str = field(default="runs/demo", metadata={"help": "Run folder; report.html is written here."})
+
+    def __post_init__(self) -> None:
+        if self.iterations < 1 or self.eval_heldin < 0 or self.eval_heldout < 0:
+            raise ValueError("iterations must be >= 1 and eval_heldin / eval_heldout >= 0.")
+        if self.eval_heldin + self.eval_heldout == 0:
+            raise ValueError("The demo needs evaluation prompts: set eval_heldin or eval_heldout above 0.")
+        bad = set(self.align_kinds) - {"single", "count", "relation"}
+        if bad or not self.align_kinds:
+            raise ValueError(f"align_kinds {self.align_kinds} must be a non-empty subset of single, count, relation.")
+
+
+def resolve_asset(path: str | Path) -> Path:
+    """A shipped asset path: absolute as is, else the working directory's, else the repository's."""
+    p = Path(path).expanduser()
+    if p.is_absolute() or p.exists():
+        return p
+    return REPO_ROOT / p
+
+
+@dataclass
+class DemoPrompts:
+    align: list[str]
+    eval_sets: dict[str, list[str]]
+
+
+def demo_prompts(config: DemoConfig) -> DemoPrompts:
+    """Alignment prompts (training compositions of ``align_kinds``) disjoint from the evaluation compositions."""
+    from visalign.shapes.grammar import parse_prompt
+    from visalign.shapes.prompt_sets import read_prompt_set
+
+    folder = resolve_asset(config.prompts_dir)
+    eval_sets = {"heldin": read_prompt_set(folder / "heldin_eval.txt")[: config.eval_heldin],
+                 "heldout": read_prompt_set(folder / "heldout_compositions.txt")[: config.eval_heldout]}
+    eval_sets = {k: v for k, v in eval_sets.items() if v}
+    evaluated = {parse_prompt(p) for prompts in eval_sets.values() for p in prompts}
+    align = [p for p in read_prompt_set(folder / "train.txt")
+             if parse_prompt(p).kind in config.align_kinds and parse_prompt(p) not in evaluated]
+    if len(align) < config.prompts_per_step:
+        raise ValueError(f"Only {len(align)} alignment prompts of kinds {config.align_kinds} remain after removing "
+                         "the evaluation compositions; lower prompts_per_step or add kinds.")
+    return DemoPrompts(align, eval_sets)
+
+
+def train_config(config: DemoConfig, align_file: Path, run_dir: Path) -> Any:
+    """The :class:`~visalign.train.config.TrainConfig` of the alignment stage (no Trainer-side evaluation)."""
+    from visalign.config import from_dict
+    from visalign.train.config import TrainConfig
+
+    terms: list[Any] = [{"scorer": config.reward, "weight": 1.0}]
+    if config.reward != "shapes-oracle":
+        # Weight 0: logged on every training batch (the gold curve), never part of the advantage.
+        terms.append({"scorer": "shapes-oracle", "weight": 0.0, "name": ORACLE_TERM})
+    data = {
+        "model": {"model": str(resolve_asset(config.base_model)), "lora_rank": config.lora_rank,
+                  "lora_alpha": float(max(config.lora_rank, 1))},
+        "sample": {"prompts": str(align_file), "prompts_per_step": config.prompts_per_step,
+                   "images_per_prompt": config.images_per_prompt, "steps": config.steps, "guidance": config.guidance,
+                   "eta": 1.0, "train_steps_per_update": config.train_steps_per_update},
+        "reward": {"terms": terms},
+        "objective": {"name": config.objective, "params": dict(config.objective_params)},
+        "optim": {"lr": config.lr},
+        "run": {"output_dir": str(run_dir / "train"), "iterations": config.iterations, "seed": config.seed,
+                "checkpoint_every": config.iterations, "keep_last": 1, "tensorboard": False},
+    }
+    return from_dict(TrainConfig, data)
+
+
+@dataclass
+class Evaluation:
+    """Paired evaluation samples of one model state.
+
+    Attributes:
+        media: set name → float32 ``[N, 3, H, W]`` in [0, 1] (one sample per prompt, seed ``eval_seed + i``).
+        oracle: set name → :func:`visalign.shapes.evaluate.summarise` dict (``all``, ``reward``, ``attributes``, ...).
+        correct: set name → bool ``[N]``, every attribute right.
+        proxy: set name → mean proxy reward.
+    """
+
+    media: dict[str, Any]  # torch.Tensor; imported lazily so `visalign --help` stays light
+    oracle: dict[str, dict[str, Any]]
+    correct: dict[str, Any]  # numpy bool arrays
+    proxy: dict[str, float]
+
+
+def evaluate(adapter: Any, prompts: DemoPrompts, proxy: Any, config: DemoConfig, batch_size: int = 48) -> Evaluation:
+    """Sample every evaluation prompt once (η = 0, fixed seeds) and grade with the oracle and the proxy."""
+    import torch
+
+    from visalign.scorers import ScoreBatch
+    from visalign.shapes.evaluate import summarise
+    from visalign.shapes.oracle import grade
+
+    out = Evaluation({}, {}, {}, {})
+    for name, set_prompts in prompts.eval_sets.items():
+        chunks = []
+        for start in range(0, len(set_prompts), batch_size):
+            chunk = set_prompts[start:start + batch_size]
+            rollout = adapter.rollout(chunk, images_per_prompt=1, steps=config.eval_steps, guidance=config.guidance,
+                                      eta=0.0, seed=config.eval_seed + start)
+            chunks.append(rollout.media.detach().float().cpu().clamp(0, 1))
+        media = torch.cat(chunks)
+        out.media[name] = media
+        out.oracle[name] = summarise(media.numpy(), set_prompts)
+        out.correct[name] = grade(media.numpy(), set_prompts).all
+        out.proxy[name] = float(proxy(ScoreBatch(prompts=list(set_prompts), media=media)).reward.mean())
+    return out
+
+
+@dataclass
+class DemoResult:
+    config: dict[str, Any]
+    before: Evaluation
+    after: Evaluation
+    prompts: DemoPrompts
+    train_summary: dict[str, Any]
+    history: list[dict[str, Any]]
+    seconds: dict[str, float]
+
+    def summary(self) -> dict[str, Any]:
+        """JSON-ready numbers: per set, oracle and proxy before/after and their gains."""
+        sets = {}
+        for name in self.prompts.eval_sets:
+            b, a = self.before.oracle[name], self.after.oracle[name]
+            sets[name] = {"n": b["n"], "oracle_all": [b["all"], a["all"]], "oracle_reward": [b["reward"], a["reward"]],
+                          "attributes": {k: [b["attributes"].get(k), a["attributes"].get(k)] for k in b["attributes"]},
+                          "proxy": [self.before.proxy[name], self.after.proxy[name]],
+                          "oracle_all_gain": a["all"] - b["all"],
+                          "proxy_gain": self.after.proxy[name] - self.before.proxy[name]}
+        return {"config": self.config, "sets": sets, "seconds": self.seconds,
+                "train_reward_first": self.train_summary.get("train_reward_first"),
+                "train_reward_last": self.train_summary.get("train_reward_last")}
+
+
+def run_demo(config: DemoConfig, log: Callable[[str], None] = print) -> DemoResult:
+    """Run every stage and write ``report.html`` into ``config.output_dir``; returns the numbers."""
+    from visalign.shapes.demo_report import write_report
+    from visalign.train.logging import read_metrics
+    from visalign.train.loop import Trainer
+
+    run_dir = Path(config.output_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    base = resolve_asset(config.base_model)
+    if not (base / "model_index.json").is_file():
+        raise FileNotFoundError(f"No base pipeline at {base}: build it with 'visalign shapes build' or pass "
+                                "--base-model FOLDER (a diffusers StableDiffusionPipeline folder).")
+    seconds: dict[str, float] = {}
+    clock = time.perf_counter()
+    prompts = demo_prompts(config)
+    align_file = run_dir / "align_prompts.txt"
+    align_file.write_text("\n".join(prompts.align) + "\n", encoding="utf-8")
+    (run_dir / "eval_prompts.json").write_text(json.dumps(prompts.eval_sets, indent=1), encoding="utf-8")
+    log(f"[1/5] loading {base} with a rank-{config.lora_rank} LoRA; reward {config.reward!r}, objective "
+        f"{config.objective!r}; {len(prompts.align)} alignment prompts, evaluation on "
+        + ", ".join(f"{len(v)} {k}" for k, v in prompts.eval_sets.items()))
+    trainer = Trainer(train_config(config, align_file, run_dir))
+    proxy = trainer.reward.scorers[config.reward]  # the training reward's own instance: its weights load once
+    seconds["load"] = time.perf_counter() - clock
+
+    log("[2/5] evaluating the base model (oracle + proxy, fixed seeds)")
+    clock = time.perf_counter()
+    before = evaluate(trainer.adapter, prompts, proxy, config)
+    seconds["eval_before"] = time.perf_counter() - clock
+    log("      " + _line(before))
+
+    log(f"[3/5] aligning: {config.iterations} iterations of {config.prompts_per_step} prompts x "
+        f"{config.images_per_prompt} samples")
+    clock = time.perf_counter()
+    train_summary = trainer.run(resume=False)
+    seconds["align"] = time.perf_counter() - clock
+
+    log("[4/5] evaluating the aligned model (same prompts and seeds)")
+    clock = time.perf_counter()
+    after = evaluate(trainer.adapter, prompts, proxy, config)
+    seconds["eval_after"] = time.perf_counter() - clock
+    log("      " + _line(after))
+
+    result = DemoResult(asdict(config), before, after, prompts, train_summary,
+                        read_metrics(run_dir / "train"), seconds)
+    log("[5/5] writing the report")
+    report = write_report(run_dir, result)
+    (run_dir / "summary.json").write_text(json.dumps(result.summary(), indent=1), encoding="utf-8")
+    log(f"      {report}")
+    return result
+
+
+def _line(evaluation: Evaluation) -> str:
+    return "; ".join(f"{name}: oracle all {o['all']:.3f}, reward {o['reward']:.3f}, proxy {evaluation.proxy[name]:.3f}"
+                     for name, o in evaluation.oracle.items())
