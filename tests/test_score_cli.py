@@ -133,3 +133,20 @@ def test_video_folder_of_frames(tmp_path):
     assert code == 0
     rows = list(csv.DictReader(out.open()))
     assert [round(float(r["brightness"]), 2) for r in rows] == [round(40 / 255, 2), round(200 / 255, 2)]
+
+
+def test_scorer_with_absent_weights_offline(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    folder = make_folder(tmp_path, 1)
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a red circle\n")
+    err = run_error(["score", "--scorer", "pickscore", "--images", str(folder), "--prompts", str(prompts),
+                     "--out", str(tmp_path / "s.csv")], capsys)
+    assert "pickscore" in err and "--weights pickscore=" in err
+
+
+def test_scorer_needing_prompts_without_prompts(tmp_path, capsys):
+    folder = make_folder(tmp_path, 1)
+    err = run_error(["score", "--scorer", "clip-vit-b32", "--images", str(folder), "--out", str(tmp_path / "s.csv")],
+                    capsys)
+    assert "needs prompts" in err and "--prompts" in err
