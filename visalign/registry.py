@@ -10,7 +10,7 @@ from __future__ import annotations
 import difflib
 import importlib
 from collections.abc import Callable, Iterable
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 T = TypeVar("T")
 
@@ -110,6 +110,28 @@ class Registry(Generic[T]):
             return import_object(name)  # type: ignore[return-value]
         extra = " Or pass an import path 'pkg.module:Name'."
         raise UnknownIdError(unknown_id_message(self.kind, name, self.list(), extra))
+
+    def build(self, spec: Any, base: type, default: type) -> Any:
+        """An instance from a recipe entry: an id (``"rank"``), a mapping ``{kind: id, **params}``, an instance of
+        ``base`` (returned as is) or None (``default()``). Bad parameters raise ``ValueError`` naming the kind."""
+        if spec is None:
+            return default()
+        if isinstance(spec, base):
+            return spec
+        if isinstance(spec, str):
+            kind, params = spec, {}
+        elif isinstance(spec, dict):
+            params = dict(spec)
+            kind = params.pop("kind", None)
+            if not isinstance(kind, str):
+                raise ValueError(f"A {self.kind} mapping needs a 'kind' (one of {self.list()}); got {spec!r}.")
+        else:
+            raise TypeError(f"Cannot build a {self.kind} from {spec!r}: pass an id, a mapping or a {base.__name__}.")
+        cls = self.get(kind)
+        try:
+            return cls(**params)  # type: ignore[operator]
+        except TypeError as err:
+            raise ValueError(f"Bad parameters {params} for {self.kind} {kind!r}: {err}") from None
 
 
 def _qualname(obj: object) -> str:

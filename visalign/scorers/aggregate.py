@@ -250,21 +250,4 @@ def list_aggregations() -> list[str]:
 
 def build_aggregation(spec: str | dict[str, Any] | Aggregation | None) -> Aggregation:
     """Build an aggregation from an id, a mapping ``{kind: ..., **params}``, an instance, or None (weighted sum)."""
-    if spec is None:
-        return WeightedSum()
-    if isinstance(spec, Aggregation):
-        return spec
-    if isinstance(spec, str):
-        kind, params = spec, {}
-    elif isinstance(spec, dict):
-        params = dict(spec)
-        kind = params.pop("kind", None)
-        if not isinstance(kind, str):
-            raise ValueError(f"An aggregation mapping needs a 'kind' (one of {list_aggregations()}); got {spec!r}.")
-    else:
-        raise TypeError(f"Cannot build an aggregation from {spec!r}: pass an id, a mapping or an Aggregation.")
-    cls = AGGREGATIONS.get(kind)
-    try:
-        return cls(**params)
-    except TypeError as err:
-        raise ValueError(f"Bad parameters {params} for aggregation {kind!r}: {err}") from None
+    return AGGREGATIONS.build(spec, Aggregation, WeightedSum)

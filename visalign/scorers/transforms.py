@@ -254,24 +254,7 @@ def build_transform(spec: str | dict[str, Any] | Transform | None) -> Transform:
     Returns:
         A fresh ``Transform`` (stateful ones start empty).
     """
-    if spec is None:
-        return IdentityTransform()
-    if isinstance(spec, Transform):
-        return spec
-    if isinstance(spec, str):
-        kind, params = spec, {}
-    elif isinstance(spec, dict):
-        params = dict(spec)
-        kind = params.pop("kind", None)
-        if not isinstance(kind, str):
-            raise ValueError(f"A transform mapping needs a 'kind' (one of {list_transforms()}); got {spec!r}.")
-    else:
-        raise TypeError(f"Cannot build a reward transform from {spec!r}: pass an id, a mapping or a Transform.")
-    cls = TRANSFORMS.get(kind)
-    try:
-        return cls(**params)
-    except TypeError as err:
-        raise ValueError(f"Bad parameters {params} for reward transform {kind!r}: {err}") from None
+    return TRANSFORMS.build(spec, Transform, IdentityTransform)
 
 
 def _check_rewards(rewards: Tensor, kind: str) -> Tensor:
