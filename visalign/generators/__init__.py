@@ -26,11 +26,12 @@ from visalign.generators.base import (
     resolve_dtype,
     select_train_steps,
 )
+from visalign.generators.denoising_loss import DenoisingLoss
 from visalign.registry import Registry
 
-__all__ = ["Condition", "GeneratorAdapter", "LoraSpec", "Rollout", "SamplingPlan", "StepOutput", "GENERATORS",
-           "generator_class", "list_generators", "load_generator", "pipeline_class_name", "select_train_steps",
-           "UnsupportedPipelineError"]
+__all__ = ["Condition", "DenoisingLoss", "GeneratorAdapter", "LoraSpec", "Rollout", "SamplingPlan", "StepOutput",
+           "GENERATORS", "generator_class", "list_generators", "load_generator", "pipeline_class_name",
+           "select_train_steps", "UnsupportedPipelineError"]
 
 # Pipeline class name → adapter. One line per class; families sharing a mechanism share an adapter class.
 GENERATORS: Registry[type[GeneratorAdapter]] = Registry("generator pipeline class", {

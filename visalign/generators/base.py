@@ -30,6 +30,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from visalign.generators.denoising_loss import DenoisingLoss, GeneratorLike, draw_noise, per_sample_mse
+
 REDUCTIONS = ("mean", "sum")
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
           "fp16": torch.float16, "float16": torch.float16}
@@ -214,6 +216,12 @@ def guide(pred_uncond: Tensor, pred_cond: Tensor, guidance: float) -> Tensor:
     return pred_uncond + guidance * (pred_cond - pred_uncond)
 
 
+def cfg_timesteps(timesteps: Tensor, batch: int, cfg: bool) -> Tensor:
+    """A scalar or ``[B]`` timestep → ``[B]``, or ``[2B]`` for the ``[uncond; cond]`` CFG batch."""
+    t = timesteps.expand(batch) if timesteps.ndim == 0 else timesteps
+    return torch.cat([t, t]) if cfg else t
+
+
 def uses_cfg(guidance: float) -> bool:
     """diffusers' rule: guidance is on when the scale is above 1."""
     return guidance > 1.0
@@ -335,8 +343,13 @@ class GeneratorAdapter:
         pixels are for families whose conditioning includes the size (SDXL's ``time_ids``)."""
         raise NotImplementedError
 
-    def make_schedule(self, steps: int) -> tuple[Tensor, dict[str, Tensor]]:
-        """``(timesteps [S], schedule)`` for ``steps`` inference steps (read from the pipeline's scheduler)."""
+    def make_schedule(self, steps: int, *, height: int, width: int,
+                      num_frames: int | None) -> tuple[Tensor, dict[str, Tensor]]:
+        """``(timesteps [S], schedule)`` for ``steps`` inference steps, read from the pipeline's scheduler.
+
+        ``height``/``width`` (pixels) and ``num_frames`` are the rollout's size: families whose sigma shift depends
+        on the sequence length (FLUX, LTX, SD3 with dynamic shifting) need them; the others ignore them.
+        """
         raise NotImplementedError
 
     def latent_shape(self, height: int, width: int, num_frames: int | None) -> tuple[int, ...]:
@@ -346,6 +359,38 @@ class GeneratorAdapter:
     def initial_noise_scale(self) -> float:
         """Scale of the initial latents (the scheduler's ``init_noise_sigma``)."""
         return float(getattr(self.pipeline.scheduler, "init_noise_sigma", 1.0))
+
+    def denoise(self, latents: Tensor, timesteps: Tensor, condition: Condition, guidance: float) -> Tensor:
+        """The (guided, when ``uses_cfg(guidance)``) denoiser prediction for ``latents`` (to implement).
+
+        Args:
+            latents: ``[B, ...]`` in the trajectory's layout (cast to the denoiser's dtype inside).
+            timesteps: the denoiser's timestep in the scheduler's units (DDPM: long t; flow: ``s·1000``), a scalar
+                (one for the batch, as the stock pipelines pass it) or ``[B]`` (one per sample).
+            condition: embeddings with B rows.
+            guidance: CFG scale; ≤ 1 runs the conditional branch only.
+
+        Returns:
+            ``[B, ...]``, same layout as ``latents``: ε/v/x0 (UNet, CogVideoX) or the velocity ``ε − x0`` (flow).
+        """
+        raise NotImplementedError
+
+    def predict(self, plan: SamplingPlan, latents: Tensor, step_index: int) -> Tensor:
+        """The guided prediction the sampler uses at step ``step_index`` of ``plan``."""
+        return self.denoise(latents, plan.timesteps[step_index], plan.condition, plan.guidance)
+
+    def training_timesteps(self, latents: Tensor, generator: GeneratorLike) -> Tensor:
+        """Draw ``[B]`` noise levels from the model's training distribution (to implement; see
+        :mod:`visalign.generators.denoising_loss`)."""
+        raise NotImplementedError
+
+    def check_training_timesteps(self, timesteps: Tensor | Sequence[float], batch: int) -> Tensor:
+        """Validate caller-given noise levels (to implement): ``[B]``, in this family's units."""
+        raise NotImplementedError
+
+    def noised_and_target(self, x0: Tensor, noise: Tensor, timesteps: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """``(x_t, target, denoiser_timesteps)`` (float32, float32, ``[B]``) for training (to implement)."""
+        raise NotImplementedError
 
     def transition(self, plan: SamplingPlan, latents: Tensor, step_index: int, *, prev_sample: Tensor | None = None,
                    noise: Tensor | None = None) -> StepOutput:
@@ -394,7 +439,7 @@ class GeneratorAdapter:
         generators = sample_generators(seeds)
         with torch.no_grad():
             condition = self.encode_condition(prompts_rep, negatives_rep, guidance, height=height, width=width)
-            timesteps, schedule = self.make_schedule(steps)
+            timesteps, schedule = self.make_schedule(steps, height=height, width=width, num_frames=num_frames)
             plan = SamplingPlan(condition, timesteps, schedule, float(guidance), float(eta))
             shape = self.latent_shape(height, width, num_frames)
             latents = randn_per_sample(generators, shape, device=self.device, dtype=self.dtype)
@@ -446,6 +491,56 @@ class GeneratorAdapter:
         if not columns:
             raise ValueError("step_indices is empty; pass at least one step index.")
         return torch.stack(columns, dim=1)
+
+    # guidance handed to the denoiser by denoising_loss; 1 = the conditional branch alone. Guidance-distilled FLUX
+    # overrides it: its transformer takes the scale as an input embedding, not as a second branch.
+    loss_guidance: float = 1.0
+
+    def denoising_loss(self, latents: Tensor, condition: Condition, *,
+                       timesteps: Tensor | Sequence[float] | None = None, noise: Tensor | None = None,
+                       generator: GeneratorLike = None) -> DenoisingLoss:
+        """Per-sample pre-training loss of the denoiser on clean latents (Diffusion-DPO, DRAGON, RAFT; METHODS.md §6a).
+
+        Noises ``x0`` to a random level with the family's forward process and compares the denoiser's prediction
+        with its training target (DDPM: ε, v or x0 per ``prediction_type``; flow: ``ε − x0``). Only the conditional
+        branch runs (no CFG). Gradients follow torch's grad mode, so wrap a reference pass in ``torch.no_grad()``
+        (and :meth:`lora_disabled`) yourself.
+
+        Args:
+            latents: clean latents ``x0`` ``[B, ...]`` in the denoiser's latent space and scaling, e.g.
+                ``rollout.latents[:, -1]`` (4-D images, 5-D video).
+            condition: B rows of conditional embeddings, e.g. ``rollout.condition`` or ``.select(index)`` of it;
+                negative embeddings, if any, are ignored.
+            timesteps: ``[B]`` noise levels to use instead of drawing them: long DDPM timesteps in ``[0, T−1]``
+                (UNet, CogVideoX) or float ``s`` in [0, 1] (flow families). Share them across a DPO pair / with
+                the reference pass.
+            noise: ``[B, ...]`` standard-normal ε to use instead of drawing it.
+            generator: a ``torch.Generator``, or one per sample, for whatever is drawn (timesteps first, then
+                noise); None uses torch's global RNG.
+
+        Returns:
+            :class:`DenoisingLoss`: ``loss`` float32 ``[B]`` (mean over elements), the ``timesteps`` and ``noise``
+            used, so the same value can be recomputed exactly.
+        """
+        batch = latents.shape[0]
+        if condition.embeds.shape[0] != batch:
+            raise ValueError(f"condition has {condition.embeds.shape[0]} rows but latents have {batch}; pass "
+                             "condition.select(index) with the same samples as the latents.")
+        latents = latents.to(self.device)
+        if timesteps is None:
+            timesteps = self.training_timesteps(latents, generator)
+        else:
+            timesteps = self.check_training_timesteps(timesteps, batch)
+        if noise is None:
+            noise = draw_noise(latents.shape, generator, self.device)
+        elif tuple(noise.shape) != tuple(latents.shape):
+            raise ValueError(f"noise has shape {tuple(noise.shape)} but latents {tuple(latents.shape)}; they must "
+                             "match (reuse DenoisingLoss.noise from a call on the same latents).")
+        noise = noise.to(self.device, torch.float32)
+        noisy, target, model_timesteps = self.noised_and_target(latents.float(), noise, timesteps)
+        conditional = Condition(condition.embeds, None, dict(condition.extras))
+        prediction = self.denoise(noisy.to(self.dtype), model_timesteps, conditional, self.loss_guidance)
+        return DenoisingLoss(per_sample_mse(prediction, target), timesteps, noise)
 
     # -- parameters --
     @property

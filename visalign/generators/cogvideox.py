@@ -16,13 +16,28 @@ temporal patching when it would pad frames.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from visalign.generators.base import Condition, GeneratorAdapter, SamplingPlan, StepOutput, guide, uses_cfg
+from visalign.generators.base import (
+    Condition,
+    GeneratorAdapter,
+    SamplingPlan,
+    StepOutput,
+    cfg_timesteps,
+    guide,
+    uses_cfg,
+)
 from visalign.generators.ddim_logprob import ddim_step_with_logprob
+from visalign.generators.denoising_loss import (
+    GeneratorLike,
+    check_timesteps,
+    ddpm_noised_and_target,
+    draw_ddpm_timesteps,
+)
 from visalign.media import from_vae_range
 
 
@@ -79,7 +94,8 @@ class CogVideoXAdapter(GeneratorAdapter):
             num_videos_per_prompt=1, max_sequence_length=self.max_sequence_length, device=self.device)
         return Condition(embeds, neg if cfg else None)
 
-    def make_schedule(self, steps: int) -> tuple[Tensor, dict[str, Tensor]]:
+    def make_schedule(self, steps: int, *, height: int, width: int,
+                      num_frames: int | None) -> tuple[Tensor, dict[str, Tensor]]:
         """``timesteps [S]`` (long, descending) and ``prev_timesteps [S]`` (``t − T_train // S``; < 0 means the
         final ``ᾱ``), exactly the scheduler's own step rule."""
         scheduler = self.pipeline.scheduler
@@ -88,17 +104,16 @@ class CogVideoXAdapter(GeneratorAdapter):
         prev = timesteps - scheduler.config.num_train_timesteps // scheduler.num_inference_steps
         return timesteps, {"prev_timesteps": prev}
 
-    # -- one step --
-    def predict(self, plan: SamplingPlan, latents: Tensor, step_index: int) -> Tensor:
+    # -- the denoiser --
+    def denoise(self, latents: Tensor, timesteps: Tensor, condition: Condition, guidance: float) -> Tensor:
         """Guided v-prediction, float32 ``[B, F', C, h, w]``."""
-        cond = plan.condition
-        cfg = uses_cfg(plan.guidance)
-        if cfg and not cond.guided:
-            raise ValueError(f"guidance={plan.guidance} needs negative embeddings; encode the condition with CFG on.")
+        cfg = uses_cfg(guidance)
+        if cfg and not condition.guided:
+            raise ValueError(f"guidance={guidance} needs negative embeddings; encode the condition with CFG on.")
         x = latents.to(self.dtype)
         x_in = torch.cat([x, x]) if cfg else x
-        embeds = torch.cat([cond.negative_embeds, cond.embeds]) if cfg else cond.embeds
-        t = plan.timesteps[step_index].expand(x_in.shape[0])
+        embeds = torch.cat([condition.negative_embeds, condition.embeds]) if cfg else condition.embeds
+        t = cfg_timesteps(torch.as_tensor(timesteps, device=self.device), x.shape[0], cfg)
         rotary = None
         if self.denoiser.config.use_rotary_positional_embeddings:
             f = self.vae_scale_factor()
@@ -108,8 +123,23 @@ class CogVideoXAdapter(GeneratorAdapter):
                              return_dict=False)[0].float()
         if cfg:
             pred_uncond, pred_cond = pred.chunk(2)
-            pred = guide(pred_uncond, pred_cond, plan.guidance)
+            pred = guide(pred_uncond, pred_cond, guidance)
         return pred
+
+    # -- the v-prediction DDPM training loss (denoising_loss), on the scheduler's SNR-shifted ᾱ --
+    def training_timesteps(self, latents: Tensor, generator: GeneratorLike) -> Tensor:
+        """``t ~ U{0..T−1}``, long ``[B]`` (CogVideoX's own fine-tuning scripts draw t uniformly too)."""
+        return draw_ddpm_timesteps(latents.shape[0], self.pipeline.scheduler.config.num_train_timesteps, generator,
+                                   self.device)
+
+    def check_training_timesteps(self, timesteps: Tensor | Sequence[float], batch: int) -> Tensor:
+        return check_timesteps(timesteps, batch, discrete=True, device=self.device,
+                               upper=self.pipeline.scheduler.config.num_train_timesteps)
+
+    def noised_and_target(self, x0: Tensor, noise: Tensor, timesteps: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        noisy, target = ddpm_noised_and_target(x0, noise, timesteps, self.pipeline.scheduler.alphas_cumprod,
+                                               "v_prediction")
+        return noisy, target, timesteps
 
     def transition(self, plan: SamplingPlan, latents: Tensor, step_index: int, *, prev_sample: Tensor | None = None,
                    noise: Tensor | None = None) -> StepOutput:

@@ -19,7 +19,21 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from visalign.generators.base import Condition, GeneratorAdapter, Rollout, SamplingPlan, StepOutput, guide, uses_cfg
+from visalign.generators.base import (
+    Condition,
+    GeneratorAdapter,
+    SamplingPlan,
+    StepOutput,
+    cfg_timesteps,
+    guide,
+    uses_cfg,
+)
+from visalign.generators.denoising_loss import (
+    GeneratorLike,
+    check_timesteps,
+    draw_logit_normal,
+    flow_noised_and_target,
+)
 from visalign.generators.flow_sde import LOGP_MODES, SDE_MODES, sde_step
 from visalign.media import from_vae_range
 
@@ -69,26 +83,44 @@ class FlowMatchingAdapter(GeneratorAdapter):
         return self
 
     # -- schedule --
-    def rollout(self, prompts: Sequence[str], **kwargs: Any) -> Rollout:
-        """:meth:`GeneratorAdapter.rollout`; ``eta`` is the SDE noise level ``a`` (0: the stock ODE sampler).
-
-        Resolution-dependent shifts (FLUX, SD3.5 with dynamic shifting, LTX) need the latent size while the
-        schedule is built, so it is recorded here before the shared loop runs.
-        """
-        height, width = kwargs.get("height"), kwargs.get("width")
-        default_h, default_w = self.default_resolution()
-        self._size = (height or default_h, width or default_w, kwargs.get("num_frames"))
-        return super().rollout(prompts, **kwargs)
-
-    def set_timesteps(self, steps: int) -> None:
-        """Call the scheduler's ``set_timesteps`` exactly as the stock pipeline does (to implement)."""
+    def sequence_length(self, latent_shape: tuple[int, ...]) -> int:
+        """Number of transformer tokens for one sample's latents (what a dynamic shift ``mu`` depends on)."""
         raise NotImplementedError
 
-    def make_schedule(self, steps: int) -> tuple[Tensor, dict[str, Tensor]]:
+    def shift_mu(self, latent_shape: tuple[int, ...]) -> float | None:
+        """The resolution-dependent shift ``mu`` when the scheduler uses dynamic shifting, else None.
+
+        The same linear interpolation between ``(base_image_seq_len, base_shift)`` and ``(max_image_seq_len,
+        max_shift)`` that the stock FLUX, LTX and SD3 pipelines compute (``calculate_shift``), from the
+        scheduler's config.
+        """
+        config = self.pipeline.scheduler.config
+        if not config.get("use_dynamic_shifting", False):
+            return None
+        from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+        return calculate_shift(self.sequence_length(latent_shape), config.get("base_image_seq_len", 256),
+                               config.get("max_image_seq_len", 4096), config.get("base_shift", 0.5),
+                               config.get("max_shift", 1.15))
+
+    def inference_sigmas(self, steps: int) -> Any:
+        """Custom sigmas the stock pipeline hands to ``set_timesteps`` (FLUX, LTX: ``linspace(1, 1/S, S)``), or
+        None to let the scheduler space them (SD3, Wan)."""
+        return None
+
+    def make_schedule(self, steps: int, *, height: int, width: int,
+                      num_frames: int | None) -> tuple[Tensor, dict[str, Tensor]]:
         """``timesteps [S]`` (float, descending), ``sigmas [S+1]`` (float32, ending at 0) and ``sde_mask [S]`` (1 where
-        the step is stochastic)."""
-        self.set_timesteps(steps)
+        the step is stochastic), from the scheduler's own ``set_timesteps`` called as the stock pipeline calls it
+        (resolution-dependent ``mu`` included)."""
         scheduler = self.pipeline.scheduler
+        mu = self.shift_mu(self.latent_shape(height, width, num_frames))
+        kwargs = {} if mu is None else {"mu": mu}
+        sigmas = self.inference_sigmas(steps)
+        if sigmas is None:
+            scheduler.set_timesteps(steps, device=self.device, **kwargs)
+        else:
+            scheduler.set_timesteps(sigmas=sigmas, device=self.device, **kwargs)
         timesteps = scheduler.timesteps.clone().to(self.device)
         sigmas = scheduler.sigmas.clone().float().to(self.device)
         if len(sigmas) != len(timesteps) + 1:
@@ -103,29 +135,49 @@ class FlowMatchingAdapter(GeneratorAdapter):
             mask[start:stop] = 1.0
         return timesteps, {"sigmas": sigmas, "sde_mask": mask}
 
-    # -- one step --
-    def velocity(self, plan: SamplingPlan, latents: Tensor, step_index: int) -> Tensor:
-        """The guided velocity prediction at step ``step_index``, same layout as ``latents`` (to implement)."""
-        raise NotImplementedError
+    # -- the flow-matching training loss (denoising_loss) --
+    def training_timesteps(self, latents: Tensor, generator: GeneratorLike) -> Tensor:
+        """Noise levels ``s`` float32 ``[B]``: logit-normal ``u``, moved by the scheduler's sampling shift (static
+        ``shift``, or ``time_shift(mu)`` at this latent size with dynamic shifting); see
+        :mod:`visalign.generators.denoising_loss`."""
+        u = draw_logit_normal(latents.shape[0], generator, self.device)
+        return self.shift_sigmas(u, tuple(latents.shape[1:]))
+
+    def shift_sigmas(self, u: Tensor, latent_shape: tuple[int, ...]) -> Tensor:
+        """Apply the scheduler's sigma shift to unshifted levels ``u`` in [0, 1] (float32, any shape)."""
+        scheduler = self.pipeline.scheduler
+        mu = self.shift_mu(latent_shape)
+        if mu is not None:
+            return scheduler.time_shift(mu, 1.0, u).float()
+        shift = float(scheduler.config.get("shift", 1.0))
+        return shift * u / (1 + (shift - 1) * u)
+
+    def check_training_timesteps(self, timesteps: Tensor | Sequence[float], batch: int) -> Tensor:
+        return check_timesteps(timesteps, batch, discrete=False, upper=1.0, device=self.device)
+
+    def noised_and_target(self, x0: Tensor, noise: Tensor, timesteps: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        noisy, target = flow_noised_and_target(x0, noise, timesteps)
+        # The transformers take the scheduler's timestep units, s·T_train (FLUX divides by 1000 again inside denoise).
+        return noisy, target, timesteps * self.pipeline.scheduler.config.num_train_timesteps
 
     def transition(self, plan: SamplingPlan, latents: Tensor, step_index: int, *, prev_sample: Tensor | None = None,
                    noise: Tensor | None = None) -> StepOutput:
         sigmas = plan.schedule["sigmas"]
         noise_level = plan.eta * float(plan.schedule["sde_mask"][step_index])
-        v_hat = self.velocity(plan, latents, step_index)
+        v_hat = self.predict(plan, latents, step_index)
         out = sde_step(v_hat, sigmas[step_index], sigmas[step_index + 1], latents, noise_level,
                        prev_sample=prev_sample, noise=noise, mode=self.sde_mode, logp_mode=self.logp_mode,
                        sigma_at_one=float(sigmas[1]) if len(sigmas) > 2 else None, storage_dtype=latents.dtype)
         sample = prev_sample if prev_sample is not None else out.prev_sample.to(latents.dtype)
         return StepOutput(sample, out.mean, out.std, out.logp_mean, out.logp_sum)
 
-    def _cfg_inputs(self, plan: SamplingPlan) -> tuple[bool, Condition]:
-        cfg = uses_cfg(plan.guidance) and self.uses_cfg_batch
-        if cfg and not plan.condition.guided:
-            raise ValueError(f"guidance={plan.guidance} needs negative embeddings; encode the condition with CFG on.")
-        return cfg, plan.condition
-
     uses_cfg_batch: bool = True
+
+    def _use_cfg(self, condition: Condition, guidance: float) -> bool:
+        cfg = uses_cfg(guidance) and self.uses_cfg_batch
+        if cfg and not condition.guided:
+            raise ValueError(f"guidance={guidance} needs negative embeddings; encode the condition with CFG on.")
+        return cfg
 
     def _vae_decode(self, latents: Tensor, grad: bool) -> Tensor:
         vae = self.pipeline.vae
@@ -169,35 +221,25 @@ class StableDiffusion3Adapter(FlowMatchingAdapter):
             return Condition(embeds, extras={"pooled_projections": pooled})
         return Condition(embeds, neg, {"pooled_projections": pooled}, {"pooled_projections": neg_pooled})
 
-    def set_timesteps(self, steps: int) -> None:
-        from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import calculate_shift
+    def sequence_length(self, latent_shape: tuple[int, ...]) -> int:
+        patch = int(self.denoiser.config.patch_size)
+        return (latent_shape[-2] // patch) * (latent_shape[-1] // patch)
 
-        scheduler = self.pipeline.scheduler
-        kwargs = {}
-        if scheduler.config.get("use_dynamic_shifting", None):
-            height, width, _ = self._size
-            patch, f = self.denoiser.config.patch_size, self.vae_scale_factor()
-            seq_len = (height // f // patch) * (width // f // patch)
-            kwargs["mu"] = calculate_shift(seq_len, scheduler.config.get("base_image_seq_len", 256),
-                                           scheduler.config.get("max_image_seq_len", 4096),
-                                           scheduler.config.get("base_shift", 0.5),
-                                           scheduler.config.get("max_shift", 1.16))
-        scheduler.set_timesteps(steps, device=self.device, **kwargs)
-
-    def velocity(self, plan: SamplingPlan, latents: Tensor, step_index: int) -> Tensor:
-        cfg, cond = self._cfg_inputs(plan)
+    def denoise(self, latents: Tensor, timesteps: Tensor, condition: Condition, guidance: float) -> Tensor:
+        """Guided velocity ``[B, C, h, w]``; CFG as one ``[uncond; cond]`` batch, as the stock pipeline."""
+        cfg = self._use_cfg(condition, guidance)
         x = latents.to(self.dtype)
         x_in = torch.cat([x, x]) if cfg else x
-        embeds = torch.cat([cond.negative_embeds, cond.embeds]) if cfg else cond.embeds
-        pooled = cond.extras["pooled_projections"]
+        embeds = torch.cat([condition.negative_embeds, condition.embeds]) if cfg else condition.embeds
+        pooled = condition.extras["pooled_projections"]
         if cfg:
-            pooled = torch.cat([cond.negative_extras["pooled_projections"], pooled])
-        t = plan.timesteps[step_index].expand(x_in.shape[0])
+            pooled = torch.cat([condition.negative_extras["pooled_projections"], pooled])
+        t = cfg_timesteps(torch.as_tensor(timesteps, device=self.device), x.shape[0], cfg)
         pred = self.denoiser(hidden_states=x_in, timestep=t, encoder_hidden_states=embeds, pooled_projections=pooled,
                              return_dict=False)[0]
         if cfg:
             pred_uncond, pred_cond = pred.chunk(2)
-            pred = guide(pred_uncond, pred_cond, plan.guidance)
+            pred = guide(pred_uncond, pred_cond, guidance)
         return pred
 
     def decode(self, latents: Tensor, *, grad: bool = False) -> Tensor:
@@ -217,6 +259,8 @@ class FluxAdapter(FlowMatchingAdapter):
     modality = "image"
     pipeline_classes = ("FluxPipeline",)
     uses_cfg_batch = False
+    # denoising_loss feeds this to the guidance embedding: diffusers' train_dreambooth_lora_flux.py default.
+    loss_guidance = 3.5
     max_sequence_length = 512
     resolution_multiple = 2  # latents are packed in 2×2 patches
 
@@ -237,38 +281,32 @@ class FluxAdapter(FlowMatchingAdapter):
                                                         max_sequence_length=self.max_sequence_length)
         return Condition(embeds, extras={"pooled_projections": pooled})
 
-    def set_timesteps(self, steps: int) -> None:
+    def sequence_length(self, latent_shape: tuple[int, ...]) -> int:
+        return (latent_shape[-2] // 2) * (latent_shape[-1] // 2)
+
+    def inference_sigmas(self, steps: int) -> Any:
         import numpy as np
-        from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 
-        scheduler = self.pipeline.scheduler
-        height, width, _ = self._size
-        f = self.vae_scale_factor()
-        seq_len = (height // f // 2) * (width // f // 2)
-        sigmas = None if scheduler.config.get("use_flow_sigmas", False) else np.linspace(1.0, 1 / steps, steps)
-        mu = calculate_shift(seq_len, scheduler.config.get("base_image_seq_len", 256),
-                             scheduler.config.get("max_image_seq_len", 4096), scheduler.config.get("base_shift", 0.5),
-                             scheduler.config.get("max_shift", 1.15))
-        if sigmas is None:
-            scheduler.set_timesteps(steps, device=self.device, mu=mu)
-        else:
-            scheduler.set_timesteps(sigmas=sigmas, device=self.device, mu=mu)
+        if self.pipeline.scheduler.config.get("use_flow_sigmas", False):
+            return None
+        return np.linspace(1.0, 1 / steps, steps)
 
-    def velocity(self, plan: SamplingPlan, latents: Tensor, step_index: int) -> Tensor:
+    def denoise(self, latents: Tensor, timesteps: Tensor, condition: Condition, guidance: float) -> Tensor:
+        """Velocity ``[B, C, h, w]`` (unpacked); ``guidance`` feeds the distilled guidance embedding."""
         from diffusers import FluxPipeline
 
         b, c, h, w = latents.shape
-        cond = plan.condition
         tokens = FluxPipeline._pack_latents(latents.to(self.dtype), b, c, h, w)
         img_ids = FluxPipeline._prepare_latent_image_ids(b, h // 2, w // 2, self.device, self.dtype)
-        txt_ids = torch.zeros(cond.embeds.shape[1], 3, device=self.device, dtype=self.dtype)
-        guidance = None
+        txt_ids = torch.zeros(condition.embeds.shape[1], 3, device=self.device, dtype=self.dtype)
+        guidance_in = None
         if self.denoiser.config.guidance_embeds:
-            guidance = torch.full([b], plan.guidance, device=self.device, dtype=torch.float32)
-        t = plan.timesteps[step_index].expand(b).to(self.dtype)
-        pred = self.denoiser(hidden_states=tokens, timestep=t / 1000, guidance=guidance,
-                             pooled_projections=cond.extras["pooled_projections"], encoder_hidden_states=cond.embeds,
-                             txt_ids=txt_ids, img_ids=img_ids, return_dict=False)[0]
+            guidance_in = torch.full([b], guidance, device=self.device, dtype=torch.float32)
+        t = cfg_timesteps(torch.as_tensor(timesteps, device=self.device), b, False).to(self.dtype)
+        pred = self.denoiser(hidden_states=tokens, timestep=t / 1000, guidance=guidance_in,
+                             pooled_projections=condition.extras["pooled_projections"],
+                             encoder_hidden_states=condition.embeds, txt_ids=txt_ids, img_ids=img_ids,
+                             return_dict=False)[0]
         f = self.vae_scale_factor()
         return FluxPipeline._unpack_latents(pred, h * f, w * f, f)
 

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from visalign.generators.base import Condition, SamplingPlan, guide, uses_cfg
+from visalign.generators.base import Condition, cfg_timesteps, guide, uses_cfg
 from visalign.generators.flow import FlowMatchingAdapter
 from visalign.media import from_vae_range
 
@@ -70,28 +70,28 @@ class WanAdapter(FlowMatchingAdapter):
         dtype = self.denoiser.dtype
         return Condition(embeds.to(dtype), neg.to(dtype) if cfg else None)
 
-    def set_timesteps(self, steps: int) -> None:
-        self.pipeline.scheduler.set_timesteps(steps, device=self.device)
+    def sequence_length(self, latent_shape: tuple[int, ...]) -> int:
+        _, p_h, p_w = self.denoiser.config.patch_size
+        return latent_shape[1] * (latent_shape[2] // p_h) * (latent_shape[3] // p_w)
 
     def initial_noise_scale(self) -> float:
         return 1.0
 
-    def velocity(self, plan: SamplingPlan, latents: Tensor, step_index: int) -> Tensor:
-        cfg, cond = self._cfg_inputs(plan)
+    def denoise(self, latents: Tensor, timesteps: Tensor, condition: Condition, guidance: float) -> Tensor:
+        """Guided velocity ``[B, C, F', h, w]``: two forwards (cond, then uncond) as the stock Wan pipeline."""
+        cfg = self._use_cfg(condition, guidance)
         x = latents.to(self.denoiser.dtype)
-        t = plan.timesteps[step_index]
+        t = cfg_timesteps(torch.as_tensor(timesteps, device=self.device), x.shape[0], False)
         if self.pipeline.config.expand_timesteps:
             # One timestep per latent token (Wan 2.2 TI2V): the stock pipeline's mask[0][0][:, ::2, ::2] * t.
-            timestep = (torch.ones_like(x[0, 0, :, ::2, ::2], dtype=torch.float32) * t).flatten()
-            timestep = timestep.unsqueeze(0).expand(x.shape[0], -1)
-        else:
-            timestep = t.expand(x.shape[0])
-        pred = self.denoiser(hidden_states=x, timestep=timestep, encoder_hidden_states=cond.embeds,
+            tokens = torch.ones_like(x[0, 0, :, ::2, ::2], dtype=torch.float32).flatten()
+            t = tokens.unsqueeze(0) * t.float().unsqueeze(1)
+        pred = self.denoiser(hidden_states=x, timestep=t, encoder_hidden_states=condition.embeds,
                              return_dict=False)[0]
         if cfg:
-            uncond = self.denoiser(hidden_states=x, timestep=timestep, encoder_hidden_states=cond.negative_embeds,
+            uncond = self.denoiser(hidden_states=x, timestep=t, encoder_hidden_states=condition.negative_embeds,
                                    return_dict=False)[0]
-            pred = guide(uncond, pred, plan.guidance)
+            pred = guide(uncond, pred, guidance)
         return pred
 
     def decode(self, latents: Tensor, *, grad: bool = False) -> Tensor:
@@ -150,40 +150,38 @@ class LTXAdapter(FlowMatchingAdapter):
             return Condition(embeds, extras={"encoder_attention_mask": mask})
         return Condition(embeds, neg, {"encoder_attention_mask": mask}, {"encoder_attention_mask": neg_mask})
 
-    def set_timesteps(self, steps: int) -> None:
+    def sequence_length(self, latent_shape: tuple[int, ...]) -> int:
+        # The stock LTX pipeline computes mu from latent frames·height·width (before patching); so do we.
+        return latent_shape[1] * latent_shape[2] * latent_shape[3]
+
+    def inference_sigmas(self, steps: int) -> Any:
         import numpy as np
-        from diffusers.pipelines.ltx.pipeline_ltx import calculate_shift
 
-        scheduler = self.pipeline.scheduler
-        height, width, num_frames = self._size
-        _, frames, h, w = self.latent_shape(height, width, num_frames)
-        mu = calculate_shift(frames * h * w, scheduler.config.get("base_image_seq_len", 256),
-                             scheduler.config.get("max_image_seq_len", 4096), scheduler.config.get("base_shift", 0.5),
-                             scheduler.config.get("max_shift", 1.15))
-        scheduler.set_timesteps(sigmas=np.linspace(1.0, 1 / steps, steps), device=self.device, mu=mu)
+        return np.linspace(1.0, 1 / steps, steps)
 
-    def velocity(self, plan: SamplingPlan, latents: Tensor, step_index: int) -> Tensor:
+    def denoise(self, latents: Tensor, timesteps: Tensor, condition: Condition, guidance: float) -> Tensor:
+        """Guided velocity ``[B, C, F', h, w]`` (unpacked); CFG as one ``[uncond; cond]`` batch with masks."""
         from diffusers import LTXPipeline
 
-        cfg, cond = self._cfg_inputs(plan)
+        cfg = self._use_cfg(condition, guidance)
         pipe = self.pipeline
         p, p_t = pipe.transformer_spatial_patch_size, pipe.transformer_temporal_patch_size
         _, _, frames, h, w = latents.shape
         tokens = LTXPipeline._pack_latents(latents, p, p_t).to(self.dtype)
         x_in = torch.cat([tokens, tokens]) if cfg else tokens
-        embeds = torch.cat([cond.negative_embeds, cond.embeds]) if cfg else cond.embeds
-        mask = cond.extras["encoder_attention_mask"]
+        embeds = torch.cat([condition.negative_embeds, condition.embeds]) if cfg else condition.embeds
+        mask = condition.extras["encoder_attention_mask"]
         if cfg:
-            mask = torch.cat([cond.negative_extras["encoder_attention_mask"], mask])
+            mask = torch.cat([condition.negative_extras["encoder_attention_mask"], mask])
         spatial = pipe.vae_spatial_compression_ratio
         rope_scale = (pipe.vae_temporal_compression_ratio / self.frame_rate, spatial, spatial)
-        t = plan.timesteps[step_index].expand(x_in.shape[0])
+        t = cfg_timesteps(torch.as_tensor(timesteps, device=self.device), tokens.shape[0], cfg)
         pred = self.denoiser(hidden_states=x_in, encoder_hidden_states=embeds, timestep=t,
                              encoder_attention_mask=mask, num_frames=frames // p_t, height=h // p, width=w // p,
                              rope_interpolation_scale=rope_scale, return_dict=False)[0].float()
         if cfg:
             pred_uncond, pred_cond = pred.chunk(2)
-            pred = guide(pred_uncond, pred_cond, plan.guidance)
+            pred = guide(pred_uncond, pred_cond, guidance)
         return LTXPipeline._unpack_latents(pred, frames // p_t, h // p, w // p, p, p_t)
 
     def decode(self, latents: Tensor, *, grad: bool = False) -> Tensor:

@@ -9,6 +9,7 @@ reproduces the stock pipeline's image for the same per-sample generators (tested
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -19,10 +20,17 @@ from visalign.generators.base import (
     GeneratorAdapter,
     SamplingPlan,
     StepOutput,
+    cfg_timesteps,
     guide,
     uses_cfg,
 )
 from visalign.generators.ddim_logprob import ddim_step_with_logprob
+from visalign.generators.denoising_loss import (
+    GeneratorLike,
+    check_timesteps,
+    ddpm_noised_and_target,
+    draw_ddpm_timesteps,
+)
 from visalign.media import from_vae_range
 
 
@@ -47,7 +55,8 @@ class DDIMUNetAdapter(GeneratorAdapter):
         super().__init__(pipeline, **kwargs)
 
     # -- schedule --
-    def make_schedule(self, steps: int) -> tuple[Tensor, dict[str, Tensor]]:
+    def make_schedule(self, steps: int, *, height: int, width: int,
+                      num_frames: int | None) -> tuple[Tensor, dict[str, Tensor]]:
         """``timesteps [S]`` (long, descending) and ``prev_timesteps [S]`` (``t − T_train // S``, may be < 0)."""
         scheduler = self.pipeline.scheduler
         scheduler.set_timesteps(steps, device=self.device)
@@ -55,27 +64,43 @@ class DDIMUNetAdapter(GeneratorAdapter):
         prev = timesteps - scheduler.config.num_train_timesteps // steps
         return timesteps, {"prev_timesteps": prev}
 
-    # -- one step --
-    def predict(self, plan: SamplingPlan, latents: Tensor, step_index: int) -> Tensor:
-        """The guided denoiser prediction at step ``step_index``, ``[B, ...]`` in the denoiser's dtype."""
-        cond = plan.condition
-        t = plan.timesteps[step_index]
-        cfg = uses_cfg(plan.guidance)
-        if cfg and not cond.guided:
-            raise ValueError(f"guidance={plan.guidance} needs negative embeddings; encode the condition with CFG on.")
+    # -- the denoiser --
+    def denoise(self, latents: Tensor, timesteps: Tensor, condition: Condition, guidance: float) -> Tensor:
+        """Guided UNet prediction ``[B, ...]`` (denoiser dtype), batched ``[uncond; cond]`` as the stock pipeline."""
+        cfg = uses_cfg(guidance)
+        if cfg and not condition.guided:
+            raise ValueError(f"guidance={guidance} needs negative embeddings; encode the condition with CFG on.")
+        t = torch.as_tensor(timesteps, device=self.device)
         model_input = torch.cat([latents, latents]) if cfg else latents
-        model_input = self.pipeline.scheduler.scale_model_input(model_input, t)
-        embeds = torch.cat([cond.negative_embeds, cond.embeds]) if cfg else cond.embeds
-        extras = {k: torch.cat([cond.negative_extras[k], v]) if cfg else v for k, v in cond.extras.items()}
-        pred = self.call_denoiser(model_input, t, embeds, extras)
+        # A scalar t stays scalar, exactly what the stock pipeline passes (DDIM's scale_model_input is the identity).
+        t_in = t if t.ndim == 0 else cfg_timesteps(t, latents.shape[0], cfg)
+        embeds = torch.cat([condition.negative_embeds, condition.embeds]) if cfg else condition.embeds
+        extras = {k: torch.cat([condition.negative_extras[k], v]) if cfg else v for k, v in condition.extras.items()}
+        pred = self.call_denoiser(model_input.to(self.dtype), t_in, embeds, extras)
         if cfg:
             pred_uncond, pred_cond = pred.chunk(2)
-            pred = guide(pred_uncond, pred_cond, plan.guidance)
+            pred = guide(pred_uncond, pred_cond, guidance)
         return pred
 
     def call_denoiser(self, model_input: Tensor, t: Tensor, embeds: Tensor, extras: dict[str, Tensor]) -> Tensor:
         kwargs = {"added_cond_kwargs": extras} if extras else {}
         return self.denoiser(model_input, t, encoder_hidden_states=embeds, return_dict=False, **kwargs)[0]
+
+    # -- the DDPM training loss (denoising_loss) --
+    def training_timesteps(self, latents: Tensor, generator: GeneratorLike) -> Tensor:
+        """``t ~ U{0..T−1}`` over the scheduler's training timesteps, long ``[B]``."""
+        return draw_ddpm_timesteps(latents.shape[0], self.pipeline.scheduler.config.num_train_timesteps, generator,
+                                   self.device)
+
+    def check_training_timesteps(self, timesteps: Tensor | Sequence[float], batch: int) -> Tensor:
+        return check_timesteps(timesteps, batch, discrete=True, device=self.device,
+                               upper=self.pipeline.scheduler.config.num_train_timesteps)
+
+    def noised_and_target(self, x0: Tensor, noise: Tensor, timesteps: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        scheduler = self.pipeline.scheduler
+        noisy, target = ddpm_noised_and_target(x0, noise, timesteps, scheduler.alphas_cumprod,
+                                               scheduler.config.prediction_type)
+        return noisy, target, timesteps
 
     def transition(self, plan: SamplingPlan, latents: Tensor, step_index: int, *, prev_sample: Tensor | None = None,
                    noise: Tensor | None = None) -> StepOutput:
