@@ -222,5 +222,6 @@ def build_family(family: str, folder: Path) -> Path:
 
 def build_vlm_yes(card, folder: Path) -> dict[str, Any]:
     """``BUILDERS`` entry for ``VlmYesScorer``: a tiny model of the card's family as ``weights.local_dir``."""
-    target = build_family(family_of_hub_id(str(card.weights.get("hub_id", ""))), folder)
+    # Cards of shipped local models (shapes-vlm) have no hub id; they name their family in params.family.
+    target = build_family(family_of_hub_id(str(card.weights.get("hub_id") or card.params.get("family", ""))), folder)
     return {"weights": {"local_dir": str(target)}}
