@@ -71,8 +71,9 @@ def from_dict(cls: type[T], data: dict[str, Any] | None, where: str = "") -> T:
     if unknown:
         key = unknown[0]
         near = difflib.get_close_matches(key, list(known), n=1)
-        hint = f" Did you mean {where}{near[0]!r}?" if near else ""
-        raise ConfigError(f"Unknown key {where}{key!r}.{hint} Known keys of {cls.__name__}: {sorted(known)}.")
+        hint = f" Did you mean {where + near[0]!r}?" if near else ""
+        raise ConfigError(f"Unknown key {where + str(key)!r}.{hint} Known keys of {where.rstrip('.') or cls.__name__}"
+                          f": {sorted(known)}.")
     kwargs = {name: _coerce(hints[name], value, f"{where}{name}") for name, value in data.items()}
     try:
         return cls(**kwargs)
