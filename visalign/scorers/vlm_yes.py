@@ -20,12 +20,18 @@ How a batch is scored, in ONE teacher-forced forward pass (no ``generate`` loop)
 Modes (``params.mode``): ``pointwise``; ``pairwise`` against ``batch.references`` with both image orders averaged,
 s = ½(P(yes | a, b) + 1 − P(yes | b, a)); ``multi-question``, the mean over questions from
 ``metadata[i]["questions"]`` or the card's ``params.questions``. Videos are F uniformly sampled frames passed as
-several images. Family differences (system turn, differentiable pixel preprocessing) live in
-:mod:`visalign.scorers.vlm_families`.
+several images, or (``video_input: native``, Qwen2-VL) as one video input. Family differences (system turn, tensor
+pixel preprocessing, placeholder token counts, video input) live in :mod:`visalign.scorers.vlm_families`.
+
+Batched cost: token ids, pixels and (Qwen2-VL) M-RoPE positions and vision-tower index tensors are built with
+batched tensor ops (:mod:`visalign.scorers.vlm_inputs`) rather than by the processor and upstream's per-row loops,
+so a batch costs little more Python than one sample; the first query of each input shape is checked against the
+processor, and families without a tensor path (Idefics3) keep the processor.
 """
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +40,8 @@ from torch import Tensor
 
 from visalign.scorers.base import RawScore, ScoreBatch, Scorer, WeightsUnavailableError
 from visalign.scorers.card import ScorerCard
-from visalign.scorers.vlm_families import VlmFamily, family_for
+from visalign.scorers.vlm_families import FAMILIES, VlmFamily, family_for
+from visalign.scorers.vlm_inputs import expand_placeholders, mrope_position_ids, qwen2_vl_encode
 
 DEFAULT_TEMPLATE = 'Does this figure show "{prompt}"? Please answer Yes or No.'
 DEFAULT_PAIRWISE_TEMPLATE = (
@@ -42,6 +49,7 @@ DEFAULT_PAIRWISE_TEMPLATE = (
 )
 MODES = ("pointwise", "pairwise", "multi-question")
 SCORES = ("p_yes", "p_yes_renorm")
+VIDEO_INPUTS = ("frames", "native")
 _SENTINEL = "\u2063VISALIGN-QUESTION\u2063"  # invisible separators: never part of a real question
 
 
@@ -100,6 +108,10 @@ class VlmYesScorer(Scorer):
     * ``system``: instructions placed before the conversation; ``examples``: text-only in-context turns,
       ``[{prompt: ..., answer: Yes}]`` (or ``question:`` instead of ``prompt:``).
     * ``num_frames``: frames sampled from a video (default 8). ``family``: force a family from vlm_families.
+    * ``video_input``: ``frames`` (default: the sampled frames are separate images) or ``native`` (one video input,
+      ``pixel_values_videos`` + ``video_grid_thw``, for families that take video: Qwen2-VL).
+    * ``fast_inputs``: build token ids, pixels and (Qwen2-VL) positions with batched tensor ops, checked once per
+      input shape against the processor (default true); false always runs the processor.
     * ``trust_remote_code``: let transformers run code shipped with the weights (default false; only for
       checkpoints you trust).
 
@@ -135,6 +147,10 @@ class VlmYesScorer(Scorer):
         self.num_frames = int(p.get("num_frames", 8))
         if self.num_frames < 1:
             raise ValueError(f"params.num_frames {self.num_frames} {where} must be >= 1.")
+        self.video_input = str(p.get("video_input", "frames"))
+        if self.video_input not in VIDEO_INPUTS:
+            raise ValueError(f"params.video_input {self.video_input!r} {where} must be one of {VIDEO_INPUTS}.")
+        self.fast_inputs = bool(p.get("fast_inputs", True))
 
     # ------------------------------------------------------------------ loading
     def _source(self) -> str:
@@ -184,37 +200,44 @@ class VlmYesScorer(Scorer):
         shared = set(self.yes_ids) & set(self.no_ids)
         if shared:
             raise ValueError(f"Scorer {self.id!r}: yes and no answers share token ids {sorted(shared)}.")
+        if self.video_input == "native" and self.family.video_pixels is None:
+            native = sorted(f.name for f in FAMILIES.values() if f.video_pixels is not None)
+            raise ValueError(f"Scorer {self.id!r}: params.video_input 'native' needs a family that takes video "
+                             f"input ({native}); family {self.family.name!r} does not. Use video_input: frames.")
         self.processor, self.model = processor, model
-        self._render_cache: dict[int, str | None] = {}
+        self._render_cache: dict[tuple[str, int], str | None] = {}
+        self._fast_checked: dict[tuple, bool] = {}
 
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()
-        for key in ("processor", "model", "family", "yes_ids", "no_ids", "_render_cache"):
+        for key in ("processor", "model", "family", "yes_ids", "no_ids", "_render_cache", "_fast_checked"):
             state.pop(key, None)  # reloaded lazily in the worker, like the weights
         return state
 
     # ------------------------------------------------------------------ conversation
-    def render(self, question: str, num_images: int) -> str:
+    def render(self, question: str, num_images: int, kind: str = "image") -> str:
         """The chat-template text of one query, ending where the model's answer starts.
 
-        The template is rendered once per image count with a sentinel in place of the question, and the question
+        The template is rendered once per (kind, count) with a sentinel in place of the question, and the question
         is substituted into that text: Jinja rendering per sample was a visible share of the per-image cost. A
         template that transforms the question text (the sentinel does not come back verbatim, exactly once) is
         rendered in full for every query instead.
 
         Args:
             question: the final user question.
-            num_images: how many image placeholders precede it in the user turn.
+            num_images: how many image (or video) placeholders precede it in the user turn.
+            kind: ``"image"`` or ``"video"`` (native video input).
         """
         cache = self.__dict__.setdefault("_render_cache", {})
-        if num_images not in cache:
-            text = self._render_full(_SENTINEL, num_images)
-            cache[num_images] = text if text.count(_SENTINEL) == 1 else None
-        if cache[num_images] is None:
-            return self._render_full(question, num_images)
-        return cache[num_images].replace(_SENTINEL, question)
+        key = (kind, num_images)
+        if key not in cache:
+            text = self._render_full(_SENTINEL, num_images, kind)
+            cache[key] = text if text.count(_SENTINEL) == 1 else None
+        if cache[key] is None:
+            return self._render_full(question, num_images, kind)
+        return cache[key].replace(_SENTINEL, question)
 
-    def _render_full(self, question: str, num_images: int) -> str:
+    def _render_full(self, question: str, num_images: int, kind: str = "image") -> str:
         system = str(self.system) if self.system else ""
         messages: list[dict[str, Any]] = []
         if system and self.family.system_turn:
@@ -224,7 +247,7 @@ class VlmYesScorer(Scorer):
                                                                     criteria=example.get("criteria", ""))
             messages.append({"role": "user", "content": [{"type": "text", "text": str(asked)}]})
             messages.append({"role": "assistant", "content": [{"type": "text", "text": str(example["answer"])}]})
-        user = [{"type": "image"}] * num_images + [{"type": "text", "text": question}]
+        user = [{"type": kind}] * num_images + [{"type": "text", "text": question}]
         messages.append({"role": "user", "content": user})
         if system and not self.family.system_turn:
             # A template without a system turn (LLaVA-1.5) would drop the instructions; fold them into the first
@@ -235,44 +258,147 @@ class VlmYesScorer(Scorer):
         return self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
 
     # ------------------------------------------------------------------ the forward pass
-    def answer_probs(self, images: list[list[Tensor]], questions: list[str]) -> tuple[Tensor, Tensor]:
+    def answer_probs(self, images: list[list[Tensor]], questions: list[str],
+                     kind: str = "image") -> tuple[Tensor, Tensor]:
         """P(yes) and P(yes)/(P(yes)+P(no)) for N queries, in one forward pass.
 
         Args:
-            images: per query, its images, each float in [0, 1] ``[3, H, W]`` (all images the same size).
+            images: per query, its visual inputs, all the same size: images float in [0, 1] ``[3, H, W]``, or for
+                ``kind="video"`` clips ``[F, 3, H, W]``.
             questions: per query, the user question.
+            kind: ``"image"`` or ``"video"`` (native video input).
 
         Returns:
             ``(p_yes, p_yes_renorm)``, each float32 ``[N]`` in [0, 1]; differentiable in ``images`` when grad is
             enabled and the family has a tensor preprocessing path.
         """
-        texts = [self.render(q, len(ims)) for q, ims in zip(questions, images, strict=True)]
-        detached = [[im.detach().float().cpu() for im in ims] for ims in images]
-        # Pixels arrive as floats already in [0, 1]: the processor must not divide them by 255 again.
-        inputs = dict(self.processor(text=texts, images=detached, padding=True, return_tensors="pt",
-                                     do_rescale=False))
-        flat = [im for ims in images for im in ims]
-        if torch.is_grad_enabled() and any(im.requires_grad for im in flat):
-            inputs.update(self._tensor_pixels(torch.stack(flat), inputs))
+        texts = [self.render(q, len(ims), kind) for q, ims in zip(questions, images, strict=True)]
+        inputs = self.model_inputs(texts, images, kind)
         inputs = {k: v.to(self.device, self.dtype if v.is_floating_point() else None) if isinstance(v, Tensor) else v
                   for k, v in inputs.items()}
+        inputs = self._precompute_mrope(inputs)
         mask = inputs["attention_mask"]
+        # use_cache=False: one pass, no decoding, so building a KV cache is pure overhead.
         if bool(mask[:, -1].all()):
-            logits = self.model(**inputs, logits_to_keep=1).logits[:, -1]
+            logits = self.model(**inputs, use_cache=False, logits_to_keep=1).logits[:, -1]
         else:  # right padding: gather each row's last real position
             last = (mask * torch.arange(mask.shape[1], device=mask.device)).argmax(dim=1)
-            logits = self.model(**inputs).logits[torch.arange(mask.shape[0], device=mask.device), last]
+            logits = self.model(**inputs, use_cache=False).logits[torch.arange(mask.shape[0], device=mask.device),
+                                                                   last]
         logp = torch.log_softmax(logits.float(), dim=-1)
         lse_yes = torch.logsumexp(logp[:, self.yes_ids], dim=-1)
         lse_no = torch.logsumexp(logp[:, self.no_ids], dim=-1)
         return lse_yes.exp(), torch.sigmoid(lse_yes - lse_no)
 
-    def _tensor_pixels(self, stacked: Tensor, inputs: dict[str, Any]) -> dict[str, Tensor]:
-        if self.family.tensor_pixels is None:
+    def model_inputs(self, texts: list[str], images: list[list[Tensor]], kind: str = "image") -> dict[str, Any]:
+        """The model's inputs for rendered ``texts`` and their visual inputs (see :meth:`answer_probs`).
+
+        Built with batched tensor ops (:meth:`tensor_inputs`) when the family supports it and the result was
+        checked equal to the processor's on the first query of this input shape; otherwise by the processor, with
+        the pixels replaced by the tensor path when gradients must reach them.
+        """
+        flat = [im for ims in images for im in ims]
+        if self.fast_inputs and self.family.token_counts is not None:
+            key = (kind, len(images[0]), tuple(flat[0].shape), self.processor.tokenizer.padding_side)
+            if key not in self._fast_checked:
+                self._fast_checked[key] = self._fast_matches_processor(texts[:1], images[:1], kind)
+            if self._fast_checked[key]:
+                fast = self.tensor_inputs(texts, flat, kind)
+                if fast is not None:
+                    return fast
+        inputs = self.processor_inputs(texts, images, kind)
+        if torch.is_grad_enabled() and any(im.requires_grad for im in flat):
+            inputs.update(self._tensor_pixels(torch.stack(flat), inputs, kind))
+        return inputs
+
+    def processor_inputs(self, texts: list[str], images: list[list[Tensor]], kind: str = "image") -> dict[str, Any]:
+        """The processor's inputs (pixels detached): the reference :meth:`tensor_inputs` is checked against."""
+        detached = [[im.detach().float().cpu() for im in ims] for ims in images]
+        # Pixels arrive as floats already in [0, 1]: the processor must not divide them by 255 again.
+        if kind == "video":
+            # cap_pixels_per_frame=False: every frame keeps the image size limits, as the tensor path does.
+            return dict(self.processor(text=texts, videos=[v for vs in detached for v in vs], padding=True,
+                                       return_tensors="pt", do_rescale=False, cap_pixels_per_frame=False))
+        return dict(self.processor(text=texts, images=detached, padding=True, return_tensors="pt", do_rescale=False))
+
+    def tensor_inputs(self, texts: list[str], flat: list[Tensor], kind: str = "image") -> dict[str, Tensor] | None:
+        """Token ids, attention mask and pixels built with batched tensor ops (no per-sample processor work).
+
+        Args:
+            texts: rendered chat texts, one placeholder per visual input.
+            flat: the visual inputs of all queries in order, images ``[3, H, W]`` or clips ``[F, 3, H, W]``.
+
+        Returns:
+            The processor's keys (``input_ids``, ``attention_mask``, pixel keys) without ``mm_token_type_ids``;
+            None when the family cannot build them for this processor (the processor path is used).
+        """
+        stacked = torch.stack(flat).float()
+        try:
+            if kind == "video":
+                pixels = self.family.video_pixels(self.processor.video_processor, stacked)
+            else:
+                pixels = self.family.tensor_pixels(self.processor.image_processor, stacked)
+        except ValueError:  # a processor config the tensor path refuses to imitate (LLaVA's do_pad)
+            return None
+        counts = self.family.token_counts(self.processor, pixels)
+        if counts is None:
+            return None
+        token_id = self.processor.video_token_id if kind == "video" else self.processor.image_token_id
+        tokenizer = self.processor.tokenizer
+        encoded = tokenizer(texts, padding=True, return_tensors="pt")
+        ids, mask = expand_placeholders(encoded["input_ids"], encoded["attention_mask"], token_id, counts,
+                                        tokenizer.pad_token_id, tokenizer.padding_side == "left")
+        return {"input_ids": ids, "attention_mask": mask, **pixels}
+
+    def _fast_matches_processor(self, texts: list[str], images: list[list[Tensor]], kind: str) -> bool:
+        """Whether :meth:`tensor_inputs` reproduces the processor on one query (tokens exactly, pixels to 1e-5)."""
+        fast = self.tensor_inputs(texts, [im for ims in images for im in ims], kind)
+        if fast is None:
+            return False
+        reference = self.processor_inputs(texts, images, kind)
+        for key, value in fast.items():
+            other = reference.get(key)
+            if other is None or value.shape != other.shape or not torch.allclose(
+                    value.detach().cpu().to(other.dtype), other, atol=1e-5, rtol=0):
+                warnings.warn(f"Scorer {self.id!r}: batched tensor inputs differ from the processor's in {key!r} "
+                              f"for {kind} inputs of shape {tuple(images[0][0].shape)}; using the processor.",
+                              stacklevel=3)
+                return False
+        return True
+
+    def _precompute_mrope(self, inputs: dict[str, Any]) -> dict[str, Any]:
+        """For Qwen2-VL models: run the vision tower and build the 3-D positions here, with tensor ops.
+
+        Upstream computes both with per-row and per-image Python loops (``get_rope_index``,
+        ``get_vision_position_ids``); passing ``position_ids`` and ``mm_encoder_outputs`` skips them.
+        """
+        config = self.model.config
+        video = "pixel_values_videos" in inputs
+        if not self.family.mrope or (video and config.model_type != "qwen2_vl"):
+            return inputs  # Qwen2.5-VL spaces video positions by seconds per grid: left to upstream
+        inputs = dict(inputs)
+        pixels = inputs.pop("pixel_values_videos" if video else "pixel_values", None)
+        grid = inputs.pop("video_grid_thw" if video else "image_grid_thw", None)
+        if pixels is None:
+            return inputs
+        inputs.pop("mm_token_type_ids", None)
+        visual = self.model.model.visual
+        encoded = qwen2_vl_encode(visual, pixels.to(visual.dtype), grid)
+        encoded.pooler_output = (encoded.pooler_output,)  # the model concatenates a per-input sequence
+        inputs["mm_encoder_outputs"] = {"video" if video else "image": encoded}
+        inputs["position_ids"] = mrope_position_ids(inputs["input_ids"], inputs["attention_mask"],
+                                                    (config.image_token_id, config.video_token_id), grid,
+                                                    config.vision_config.spatial_merge_size)
+        return inputs
+
+    def _tensor_pixels(self, stacked: Tensor, inputs: dict[str, Any], kind: str = "image") -> dict[str, Tensor]:
+        make = self.family.video_pixels if kind == "video" else self.family.tensor_pixels
+        if make is None:
             raise ValueError(f"Scorer {self.id!r}: family {self.family.name!r} has no differentiable pixel path; "
                              "its card must say differentiable: false.")
-        pixels = self.family.tensor_pixels(self.processor.image_processor, stacked.float())
-        for key in self.family.pixel_keys:
+        processor = self.processor.video_processor if kind == "video" else self.processor.image_processor
+        pixels = make(processor, stacked.float())
+        for key in pixels:
             if tuple(pixels[key].shape) != tuple(inputs[key].shape):
                 raise RuntimeError(f"Scorer {self.id!r}: tensor preprocessing gave {key} {tuple(pixels[key].shape)} "
                                    f"but the processor gave {tuple(inputs[key].shape)}; the processor config is not "
@@ -281,10 +407,16 @@ class VlmYesScorer(Scorer):
 
     # ------------------------------------------------------------------ modes
     def _visuals(self, media: Tensor) -> list[list[Tensor]]:
-        """Per sample, the images the model sees: ``[B, 3, H, W]`` → one each; ``[B, T, 3, H, W]`` → F frames."""
+        """Per sample, what the model sees: ``[B, 3, H, W]`` → one image each; ``[B, T, 3, H, W]`` → F sampled
+        frames as F images, or (``video_input: native``) as one ``[F, 3, H, W]`` clip."""
         if media.ndim == 4:
             return [[m] for m in media]
+        if self.video_input == "native":
+            return [[sample_frames(v, self.num_frames)] for v in media]
         return [list(sample_frames(v, self.num_frames)) for v in media]
+
+    def _kind(self, media: Tensor) -> str:
+        return "video" if media.ndim == 5 and self.video_input == "native" else "image"
 
     def _reference_visuals(self, references: Tensor, media_ndim: int) -> list[list[list[Tensor]]]:
         """Per sample, a list of K references (each a list of images)."""
@@ -304,7 +436,7 @@ class VlmYesScorer(Scorer):
             p_yes, p_renorm, extras = self._multi_question(batch, visuals)
         else:
             questions = [self.template.format(prompt=p) for p in batch.prompts]
-            p_yes, p_renorm = self.answer_probs(visuals, questions)
+            p_yes, p_renorm = self.answer_probs(visuals, questions, self._kind(batch.media))
             extras = {}
         extras.update(p_yes=p_yes, p_yes_renorm=p_renorm)
         return RawScore(p_yes if self.score_name == "p_yes" else p_renorm, extras)
@@ -321,7 +453,7 @@ class VlmYesScorer(Scorer):
                 images += orders
                 questions += [question] * len(orders)
                 owner.append(i)
-        p_yes, p_renorm = self.answer_probs(images, questions)
+        p_yes, p_renorm = self.answer_probs(images, questions, self._kind(batch.media))
         per_order = len(images) // len(owner)
         owner_t = torch.tensor(owner, device=p_yes.device)
 
@@ -356,7 +488,7 @@ class VlmYesScorer(Scorer):
         questions = [q for qs in per_sample for q in qs]
         rows = torch.tensor([i for i, qs in enumerate(per_sample) for _ in qs])
         cols = torch.tensor([j for qs in per_sample for j in range(len(qs))])
-        p_yes, p_renorm = self.answer_probs(images, questions)
+        p_yes, p_renorm = self.answer_probs(images, questions, self._kind(batch.media))
 
         def grid(p: Tensor) -> Tensor:
             # NaN marks "this sample has fewer questions"; means skip it.
