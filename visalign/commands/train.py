@@ -46,16 +46,28 @@ def run(args: argparse.Namespace) -> int:
     try:
         trainer = Trainer(config)
         summary = trainer.run(resume=not args.no_resume)
-    except (TrainingError, PermissionError, ValueError, FileNotFoundError) as err:
+    except (TrainingError, OSError, ValueError) as err:  # OSError: unwritable folders, missing files
         print(f"visalign train: {err}", file=sys.stderr)
         return 1
-    print(f"train reward {summary['train_reward_first']:.4f} → {summary['train_reward_last']:.4f} over "
-          f"{summary['iterations']} iterations")
-    for key, after in summary["eval_after"].items():
-        before = summary["eval_before"].get(key, float("nan"))
-        print(f"{key}: {before:.4f} → {after:.4f}")
-    print(f"final weights: {summary['final_weights']}")
+    print(summary_table(summary))
+    print(f"final weights: {summary['final_weights']}  (pipe.load_lora_weights(that folder) in diffusers)")
     return 0
+
+
+def summary_table(summary: dict) -> str:
+    """The run summary as a terminal table: training-proxy and eval rewards and diagnostics, start → end."""
+    from visalign.table import format_table
+
+    nan = float("nan")
+    rows = [("train reward (proxy)", summary["train_reward_first"], summary["train_reward_last"]),
+            ("reward std within groups", summary["reward_std_first"], summary["reward_std_last"]),
+            ("diversity (pairwise px distance)", summary["diversity_first"], summary["diversity_last"])]
+    for key, after in summary["eval_after"].items():
+        rows.append((key, summary["eval_before"].get(key, nan), after))
+    rows.append(("path KL to reference (last eval)", "", summary["path_kl_last"]))
+    rows.append(("NaN samples dropped / collapse warnings", "",
+                 f"{summary['nan_dropped']} / {summary['collapse_warnings']}"))
+    return format_table(["metric", "start", f"end (iteration {summary['iterations']})"], rows)
 
 
 def _recipe_path(name: str) -> str:

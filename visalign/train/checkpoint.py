@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,9 @@ from safetensors.torch import load_file, save_file
 
 PREFIX = "step-"
 MARKER = "COMPLETE"
+# Only a folder named exactly step-NNNNNN is a checkpoint: a temp folder killed after COMPLETE was written but
+# before its rename (step-000010.tmp-123) or one being pruned (.trash-*) must never be picked up.
+_NAME = re.compile(r"step-(\d+)")
 
 
 def checkpoint_dir(run_dir: str | Path) -> Path:
@@ -28,11 +32,17 @@ def checkpoint_dir(run_dir: str | Path) -> Path:
 
 def latest_checkpoint(run_dir: str | Path) -> Path | None:
     """The newest complete checkpoint of a run, or None."""
+    done = complete_checkpoints(run_dir)
+    return done[-1] if done else None
+
+
+def complete_checkpoints(run_dir: str | Path) -> list[Path]:
+    """Complete checkpoint folders of a run (named ``step-NNNNNN`` and holding ``COMPLETE``), oldest first."""
     root = checkpoint_dir(run_dir)
     if not root.is_dir():
-        return None
-    done = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(PREFIX) and (p / MARKER).is_file()]
-    return max(done, key=lambda p: int(p.name[len(PREFIX):]), default=None)
+        return []
+    done = [p for p in root.iterdir() if p.is_dir() and _NAME.fullmatch(p.name) and (p / MARKER).is_file()]
+    return sorted(done, key=lambda p: int(p.name[len(PREFIX):]))
 
 
 def _flatten_optimizer(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -68,7 +78,7 @@ def save_checkpoint(run_dir: str | Path, step: int, *, params: dict[str, torch.T
     """
     root = checkpoint_dir(run_dir)
     root.mkdir(parents=True, exist_ok=True)
-    for stale in root.glob("*.tmp-*"):
+    for stale in [*root.glob("*.tmp-*"), *root.glob(".trash-*")]:
         shutil.rmtree(stale, ignore_errors=True)
     final = root / f"{PREFIX}{step:06d}"
     tmp = root / f"{final.name}.tmp-{os.getpid()}"
@@ -81,14 +91,20 @@ def save_checkpoint(run_dir: str | Path, step: int, *, params: dict[str, torch.T
     _fsync_dir(tmp)
     (tmp / MARKER).write_text(str(step))
     if final.exists():
-        shutil.rmtree(final)
+        _discard(final)
     os.replace(tmp, final)
     _fsync_dir(root)
-    done = sorted((p for p in root.iterdir() if p.is_dir() and p.name.startswith(PREFIX) and (p / MARKER).is_file()),
-                  key=lambda p: int(p.name[len(PREFIX):].split(".")[0]))
-    for old in done[:-keep_last]:
-        shutil.rmtree(old, ignore_errors=True)
+    for old in complete_checkpoints(run_dir)[:-keep_last]:
+        _discard(old)
     return final
+
+
+def _discard(folder: Path) -> None:
+    """Delete a checkpoint folder so that no crash leaves it half-deleted under its name: rename it out of the
+    ``step-NNNNNN`` namespace first (atomic), then remove the files."""
+    trash = folder.with_name(f".trash-{folder.name}-{os.getpid()}")
+    os.replace(folder, trash)
+    shutil.rmtree(trash, ignore_errors=True)
 
 
 def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, torch.Tensor],

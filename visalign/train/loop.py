@@ -8,6 +8,7 @@ exactly what an uninterrupted run would have done.
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import json
 import math
 import os
@@ -53,6 +54,17 @@ class Trainer:
         self.config = config
         self.run_dir = Path(config.run.output_dir)
         _check_writable(self.run_dir)
+        if config.run.wandb and importlib.util.find_spec("wandb") is None:
+            raise TrainingError("run.wandb is true but wandb is not installed: pip install wandb, or set "
+                                "run.wandb=false (metrics.jsonl and TensorBoard are written either way).")
+        # Prompt files are checked before the (slow) model load, so a bad file fails in a second.
+        self.prompts = PromptStream(read_prompt_file(config.sample.prompts), seed=config.run.seed)
+        if config.sample.prompts_per_step > len(self.prompts.prompts):
+            raise ValueError(f"sample.prompts_per_step is {config.sample.prompts_per_step} but {config.sample.prompts}"
+                             f" has only {len(self.prompts.prompts)} distinct prompts (a step draws distinct prompts, "
+                             "one group each); lower sample.prompts_per_step or add prompts.")
+        self.eval_prompts = (read_prompt_file(config.eval.prompts)[: config.eval.max_prompts]
+                             if config.eval.prompts else [])
         torch.manual_seed(config.run.seed)
         m = config.model
         self.adapter = load_generator(m.model, dtype=m.dtype, device=m.device)
@@ -75,16 +87,12 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0)
         self.ema = {n: p.detach().clone() for n, p in self.params.items()} if o.ema_decay else None
-        self.prompts = PromptStream(read_prompt_file(config.sample.prompts), seed=config.run.seed)
-        if config.sample.prompts_per_step > len(self.prompts.prompts):
-            raise ValueError(f"sample.prompts_per_step is {config.sample.prompts_per_step} but {config.sample.prompts}"
-                             f" has only {len(self.prompts.prompts)} prompts; lower it or add prompts.")
-        self.eval_prompts = (read_prompt_file(config.eval.prompts)[: config.eval.max_prompts]
-                             if config.eval.prompts else [])
         self.iteration = 0
         self.optimizer_steps = 0
         self.collapse = CollapseMonitor()
         self.logger: RunLogger | None = None
+        self.history: list[dict[str, float]] = []
+        self.first_eval: dict[str, float] = {}
 
     # ------------------------------------------------------------ stages
 
@@ -155,7 +163,13 @@ class Trainer:
     # ------------------------------------------------------------ evaluation
 
     def evaluate(self) -> dict[str, float]:
-        """Score fixed-seed samples of the eval prompts with the eval scorers (EMA weights when on)."""
+        """Score fixed-seed samples of the eval prompts (EMA weights when on) with the held-out eval scorers and
+        with the training proxy, so the two curves can be compared (METHODS §15, proxy vs gold).
+
+        Returns:
+            ``eval/reward...`` (held-out scorers; the proxy's own when ``eval.scorers`` is empty) and, with separate
+            eval scorers, ``eval/proxy/reward...``; empty without eval prompts.
+        """
         if not self.eval_prompts:
             return {}
         e = self.config.eval
@@ -165,11 +179,35 @@ class Trainer:
                                            self.config.sample.steps, guidance=self.config.sample.guidance, eta=e.eta,
                                            seed=e.seed, negative_prompt=self.config.sample.negative_prompt,
                                            height=res, width=res)
-        out = self.eval_reward(ScoreBatch(prompts=rollout.prompts, media=rollout.media))
-        metrics = {f"eval/{k}": v for k, v in out.metrics().items() if k.startswith("reward")}
+        batch = ScoreBatch(prompts=rollout.prompts, media=rollout.media)
+        with _frozen_transforms(self.eval_reward):
+            held_out = self.eval_reward(batch)
+        metrics = {f"eval/{k}": v for k, v in held_out.metrics().items() if k.startswith("reward")}
+        if self.eval_reward is not self.reward:
+            with _frozen_transforms(self.reward):  # eval samples must not move the training reward's statistics
+                proxy = self.reward(batch)
+            metrics.update({f"eval/proxy/{k}": v for k, v in proxy.metrics().items() if k.startswith("reward")})
         if self.logger is not None:
             self.logger.grid(self.iteration, rollout.media, columns=min(8, len(self.eval_prompts)))
         return metrics
+
+    def path_kl(self, rollout: Any, num_steps: int = 2) -> float:
+        """Path KL to the reference (LoRA-off) model, ``E Σ_t ||mu_θ − mu_ref||² / (2σ_t²)`` summed over latent
+        elements (METHODS §15), estimated on this iteration's own SDE rollout from ``num_steps`` evenly spaced steps
+        scaled by ``S / num_steps``. NaN without LoRA (no reference to switch to) or for a deterministic sampler."""
+        if self.adapter.lora is None or rollout.eta <= 0:
+            return float("nan")
+        total_steps = rollout.num_steps
+        picks = sorted({round(i * (total_steps - 1) / max(num_steps - 1, 1)) for i in range(num_steps)})
+        per_step = []
+        with torch.no_grad():
+            for j in picks:
+                ours = self.adapter.recompute_step(rollout, j)
+                with self.adapter.lora_disabled():
+                    ref = self.adapter.recompute_step(rollout, j)
+                kl = ((ours.mean.float() - ref.mean.float()) ** 2 / (2 * ours.std.float() ** 2)).flatten(1).sum(1)
+                per_step.append(kl.mean())
+        return float(torch.stack(per_step).mean() * total_steps)
 
     @contextlib.contextmanager
     def _ema_weights(self) -> Iterator[None]:
@@ -196,12 +234,18 @@ class Trainer:
             extra.update({f"ema.{n}": t for n, t in self.ema.items()})
         state = {"iteration": self.iteration, "optimizer_steps": self.optimizer_steps,
                  "scheduler": self.scheduler.state_dict(), "prompts": self.prompts.state_dict(),
-                 "reward": self.reward.state_dict(), "collapse_initial": self.collapse.initial}
+                 "reward": self.reward.state_dict(), "eval_reward": self.eval_reward.state_dict(),
+                 "collapse": self.collapse.state_dict(), "first_eval": self.first_eval}
         return save_checkpoint(self.run_dir, self.iteration, params=self.params, optimizer=self.optimizer,
                                extra_tensors=extra, state=state, keep_last=self.config.run.keep_last)
 
     def resume(self) -> bool:
-        """Restore the newest complete checkpoint of ``run.output_dir``; False when there is none."""
+        """Restore the newest complete checkpoint of ``run.output_dir``; False when there is none.
+
+        Restores weights, optimizer (AdamW moments and step counts), LR schedule, EMA, RNG state, prompt-stream
+        position, stateful reward transforms and the diagnostics' baselines; metrics rows logged after the
+        checkpoint (by a run that was killed later) are dropped, since the resumed run logs those steps again.
+        """
         path = latest_checkpoint(self.run_dir)
         if path is None:
             return False
@@ -209,7 +253,8 @@ class Trainer:
         missing = set(self.params) - set(params)
         if missing:
             raise TrainingError(f"Checkpoint {path} lacks {len(missing)} trainable tensors (e.g. {sorted(missing)[:2]}"
-                                "); it was written by a different model or LoRA configuration.")
+                                "); it was written by a different model or LoRA configuration. Start over with "
+                                "--no-resume or pick another run.output_dir.")
         with torch.no_grad():
             for name, p in self.params.items():
                 p.copy_(params[name])
@@ -217,12 +262,17 @@ class Trainer:
         self.scheduler.load_state_dict(state["scheduler"])
         self.prompts.load_state_dict(state["prompts"])
         self.reward.load_state_dict(state["reward"])
+        if self.eval_reward is not self.reward:
+            self.eval_reward.load_state_dict(state.get("eval_reward", {}))
         torch.set_rng_state(extra["torch_rng"])
         if self.ema is not None:
             self.ema = {n: extra[f"ema.{n}"].clone() for n in self.params}
         self.iteration = int(state["iteration"])
         self.optimizer_steps = int(state["optimizer_steps"])
-        self.collapse.initial = state.get("collapse_initial")
+        self.collapse.load_state_dict(state.get("collapse", {}))
+        self.first_eval = dict(state.get("first_eval", {}))
+        rows = truncate_metrics(self.run_dir, self.iteration)
+        self.history = [r for r in rows if "reward" in r and r["reward"] is not None]
         return True
 
     # ------------------------------------------------------------ the loop
@@ -233,34 +283,38 @@ class Trainer:
 
         r = self.config.run
         resumed = self.resume() if resume else False
+        if not resumed:
+            (self.run_dir / "metrics.jsonl").unlink(missing_ok=True)
         (self.run_dir / "config.json").write_text(json.dumps(to_dict(self.config), indent=1))
         self.logger = RunLogger(self.run_dir, tensorboard=r.tensorboard, wandb=r.wandb, config=to_dict(self.config))
-        first_eval = self.evaluate() if not resumed else {}
-        if first_eval:
-            self.logger.log(self.iteration, first_eval)
-        bar = tqdm(total=r.iterations, initial=self.iteration, disable=not r.progress, unit="it", dynamic_ncols=True)
-        history: list[dict[str, float]] = []
+        if not resumed:
+            self.first_eval = self.evaluate()
+            if self.first_eval:
+                self.logger.log(self.iteration, self.first_eval)
+        self.bar = tqdm(total=r.iterations, initial=self.iteration, disable=not r.progress, unit="it",
+                        dynamic_ncols=True)
         try:
             while self.iteration < r.iterations:
                 metrics = self.one_iteration()
-                history.append(metrics)
-                bar.update(1)
-                bar.set_postfix(reward=f"{metrics['reward']:.4f}", refresh=False)
+                self.history.append(metrics)
+                self.bar.update(1)
+                self.bar.set_postfix(reward=f"{metrics['reward']:.4f}", refresh=False)
                 if self.iteration % r.checkpoint_every == 0 or self.iteration == r.iterations:
                     self.save_checkpoint()
         finally:
-            bar.close()
+            self.bar.close()
         final_eval = self.evaluate()
         if final_eval:
             self.logger.log(self.iteration, final_eval)
         with self._ema_weights():
             self.adapter.save(self.run_dir / "final")
-        summary = self._summary(history, first_eval, final_eval)
+        summary = self._summary(self.history, self.first_eval, final_eval)
         (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
         self.logger.close()
         return summary
 
     def one_iteration(self) -> dict[str, float]:
+        """Sample → score → update once; log and return the iteration's metrics."""
         t0 = time.perf_counter()
         rollout = self.sample()
         t1 = time.perf_counter()
@@ -269,35 +323,85 @@ class Trainer:
         update = self.update(scored)
         t3 = time.perf_counter()
         self.iteration += 1
+        adv = scored.batch.advantages[scored.batch.keep]
         metrics: dict[str, float] = {**scored.reward.metrics(), **update}
         metrics.update({"nan_dropped": float(scored.dropped), "lr": self.scheduler.get_last_lr()[0],
                         "time/sample": t1 - t0, "time/score": t2 - t1, "time/update": t3 - t2,
-                        "samples_per_second": len(rollout) / (t3 - t0),
-                        "advantage_abs_mean": float(scored.batch.advantages.abs().mean()),
+                        "time/iteration": t3 - t0, "samples_per_second": len(rollout) / (t3 - t0),
+                        "advantage_abs_mean": float(adv.abs().mean()) if adv.numel() else 0.0,
+                        "advantage_std": float(adv.std()) if adv.numel() > 1 else 0.0,
                         "diversity": group_diversity(rollout.media.cpu(), scored.batch.group_ids)})
         warning = self.collapse.check(metrics.get("reward_std", float("nan")))
         if warning:
             metrics["collapse_warning"] = 1.0
-        if self.eval_prompts and self.config.eval.every and self.iteration % self.config.eval.every == 0:
+            if self.collapse.warned == 1:  # printed once per run; the metric keeps counting
+                self._write(f"warning: {warning}")
+        e = self.config.eval
+        if self.eval_prompts and e.every and self.iteration % e.every == 0:
             metrics.update(self.evaluate())
+            metrics["path_kl"] = self.path_kl(rollout)
         if self.config.run.grid_every and self.iteration % self.config.run.grid_every == 0:
             self.logger.grid(self.iteration, rollout.media, columns=self.config.sample.images_per_prompt,
                              tag="train")
         self.logger.log(self.iteration, metrics)
         return metrics
 
+    def _write(self, message: str) -> None:
+        """Print above the progress bar without breaking it."""
+        bar = getattr(self, "bar", None)
+        if bar is not None and not bar.disable:
+            bar.write(message)
+        else:
+            print(message)
+
     def _summary(self, history: list[dict[str, float]], first: dict[str, float], last: dict[str, float]
                  ) -> dict[str, Any]:
         def mean_of(rows: list[dict[str, float]], key: str) -> float:
-            vals = [r[key] for r in rows if key in r and math.isfinite(r[key])]
+            vals = [r[key] for r in rows if r.get(key) is not None and math.isfinite(r[key])]
             return sum(vals) / len(vals) if vals else float("nan")
 
         k = max(1, len(history) // 5)
         return {"iterations": self.iteration, "train_reward_first": mean_of(history[:k], "reward"),
                 "train_reward_last": mean_of(history[-k:], "reward"),
+                "reward_std_first": mean_of(history[:k], "reward_std"),
+                "reward_std_last": mean_of(history[-k:], "reward_std"),
+                "diversity_first": mean_of(history[:k], "diversity"),
+                "diversity_last": mean_of(history[-k:], "diversity"),
+                "path_kl_last": mean_of([r for r in history if r.get("path_kl") is not None][-1:], "path_kl"),
+                "nan_dropped": int(sum(r.get("nan_dropped") or 0 for r in history)),
                 "eval_before": first, "eval_after": last,
-                "collapse_warnings": int(sum(r.get("collapse_warning", 0) for r in history)),
+                "collapse_warnings": int(sum(r.get("collapse_warning") or 0 for r in history)),
                 "final_weights": str(self.run_dir / "final")}
+
+
+@contextlib.contextmanager
+def _frozen_transforms(spec: RewardSpec) -> Iterator[None]:
+    """Running reward statistics (``running-zscore``) stay untouched inside the block: evaluation reads them."""
+    frozen = [t for t in spec.transforms.values() if getattr(t, "update", False)]
+    for t in frozen:
+        t.update = False
+    try:
+        yield
+    finally:
+        for t in frozen:
+            t.update = True
+
+
+def truncate_metrics(run_dir: Path, step: int) -> list[dict[str, Any]]:
+    """Drop ``metrics.jsonl`` rows logged after ``step`` (and a torn last line) and return the rows kept."""
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    kept = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:  # a line cut short by the kill
+            continue
+        if row.get("step", 0) <= step:
+            kept.append(row)
+    path.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
+    return kept
 
 
 def _check_writable(folder: Path) -> None:
@@ -307,5 +411,5 @@ def _check_writable(folder: Path) -> None:
         probe.write_text("")
         probe.unlink()
     except OSError as err:
-        raise PermissionError(f"Cannot write to run.output_dir {folder} ({err.strerror}); choose a writable folder "
-                              "with run.output_dir=PATH.") from None
+        raise PermissionError(f"Cannot write to run.output_dir {folder} ({err.strerror or err}); choose a writable "
+                              "folder with run.output_dir=PATH.") from None
