@@ -209,3 +209,108 @@ def test_bad_card_params_raise():
         get_scorer("vqascore-qwen2-vl-2b", params={"mode": "listwise"})
     with pytest.raises(ValueError, match="params.score"):
         get_scorer("vqascore-qwen2-vl-2b", params={"score": "logit"})
+
+
+@pytest.mark.parametrize("card,family,side", [("vqascore-qwen2-vl-2b", "qwen2-vl", "left"),
+                                              ("vqascore-qwen2.5-vl-3b", "qwen2.5-vl", "right"),
+                                              ("vqascore-llava-1.5-7b", "llava", "right"),
+                                              ("pairwise-qwen2-vl-2b", "qwen2-vl", "right")])
+def test_tensor_inputs_equal_the_processor_and_upstream_positions(card, family, side, scorer_for):
+    scorer = scorer_for(card, family)
+    per_query = 2 if scorer.mode == "pairwise" else 1
+    # Non-square (24 × 32 px → a 3 × 4 merged grid, max(h, w) = w) so that mixing up h and w would show.
+    visuals = [list(torch.rand(per_query, 3, 24, 32, generator=torch.Generator().manual_seed(20 + i)))
+               for i in range(3)]
+    texts = [scorer.render(q, per_query) for q in ("a", "a much longer question with many more words", "b c")]
+    tokenizer = scorer.processor.tokenizer
+    tokenizer.padding_side = side
+    try:
+        fast = scorer.tensor_inputs(texts, [im for ims in visuals for im in ims])
+        reference = scorer.processor_inputs(texts, visuals)
+    finally:
+        tokenizer.padding_side = "left"
+    assert set(fast) == set(reference) - {"mm_token_type_ids"}
+    for key in fast:
+        assert fast[key].dtype == reference[key].dtype or fast[key].is_floating_point(), key
+        torch.testing.assert_close(fast[key], reference[key], atol=1e-6, rtol=0, check_dtype=False)
+    assert not fast["attention_mask"].all(), "the three texts must need padding for this test to mean anything"
+    if scorer.family.mrope:
+        from visalign.scorers.vlm_inputs import mrope_position_ids
+
+        config = scorer.model.config
+        ours = mrope_position_ids(fast["input_ids"], fast["attention_mask"],
+                                  (config.image_token_id, config.video_token_id), fast["image_grid_thw"],
+                                  config.vision_config.spatial_merge_size)
+        upstream, _ = scorer.model.model.get_rope_index(reference["input_ids"], reference["mm_token_type_ids"],
+                                                        image_grid_thw=reference["image_grid_thw"],
+                                                        attention_mask=reference["attention_mask"])
+        torch.testing.assert_close(ours, upstream, atol=0, rtol=0)
+
+
+def test_batched_scoring_skips_the_processor_and_per_row_rope(scorer_for, monkeypatch):
+    scorer = scorer_for("vqascore-qwen2-vl-2b", "qwen2-vl")
+    batch = ScoreBatch(prompts=PROMPTS, media=images(3, seed=11))
+    expected = scorer(batch).raw  # first call of this shape: checked against the processor once
+    calls = []
+    processor_call = type(scorer.processor).__call__
+    monkeypatch.setattr(type(scorer.processor), "__call__",
+                        lambda *a, **k: calls.append("processor") or processor_call(*a, **k))
+    rope = scorer.model.model.get_rope_index
+    monkeypatch.setattr(scorer.model.model, "get_rope_index", lambda *a, **k: calls.append("rope") or rope(*a, **k))
+    again = scorer(ScoreBatch(prompts=PROMPTS[::-1], media=images(3, seed=11).flip(0))).raw
+    assert calls == [], f"the steady-state batched path ran {calls}"
+    torch.testing.assert_close(again.flip(0), expected, atol=1e-6, rtol=0)
+
+
+def test_fast_inputs_off_gives_the_same_scores(scorer_for):
+    batch = ScoreBatch(prompts=PROMPTS, media=images(3, seed=12))
+    fast = scorer_for("vqascore-qwen2-vl-2b", "qwen2-vl")(batch).raw
+    slow_scorer = scorer_for("vqascore-qwen2-vl-2b", "qwen2-vl", fast_inputs=False)
+    torch.testing.assert_close(slow_scorer(batch).raw, fast, atol=1e-5, rtol=0)
+    assert slow_scorer._fast_checked == {}
+
+
+def hand_p_yes_video(scorer, clip: torch.Tensor, question: str) -> float:
+    """P(yes) for ONE native-video query, from the processor and a plain model forward (upstream rope, no cache)."""
+    processor, model = scorer.processor, scorer.model
+    messages = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": question}]}]
+    text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    inputs = processor(text=[text], videos=[clip], return_tensors="pt", do_rescale=False, cap_pixels_per_frame=False)
+    assert "pixel_values_videos" in inputs and "pixel_values" not in inputs
+    with torch.no_grad():
+        probs = torch.softmax(model(**inputs).logits[0, -1].double(), dim=-1)
+    return probs[scorer.yes_ids].sum().item()
+
+
+def test_native_video_input_is_the_hand_computation(scorer_for):
+    # 3 frames: an odd count, so the processor pads the clip to the temporal patch (2) by repeating the last frame.
+    scorer = scorer_for("video-vqascore-qwen2-vl-2b", "qwen2-vl", video_input="native", num_frames=3)
+    video = torch.rand(2, 7, 3, 32, 32, generator=torch.Generator().manual_seed(13))
+    out = scorer(ScoreBatch(prompts=PROMPTS[:2], media=video))
+    for i in range(2):
+        clip = video[i, [0, 3, 6]]
+        expected = hand_p_yes_video(scorer, clip, f'Does this video show "{PROMPTS[i]}"? Please answer Yes or No.')
+        assert out.extras["p_yes"][i].item() == pytest.approx(expected, abs=1e-5)
+    frames = scorer_for("video-vqascore-qwen2-vl-2b", "qwen2-vl", num_frames=3)(ScoreBatch(prompts=PROMPTS[:2],
+                                                                                         media=video))
+    assert (frames.raw - out.raw).abs().max() > 1e-4, "native video must not silently fall back to frames"
+    text = scorer.render("q", 1, "video")
+    assert text.count("<|video_pad|>") == 1 and "<|image_pad|>" not in text
+
+
+def test_native_video_gradients_reach_the_sampled_frames(scorer_for):
+    scorer = scorer_for("video-vqascore-qwen2-vl-2b", "qwen2-vl", video_input="native", num_frames=3)
+    video = torch.rand(2, 7, 3, 32, 32, generator=torch.Generator().manual_seed(14)).requires_grad_(True)
+    batch = ScoreBatch(prompts=PROMPTS[:2], media=video)
+    out = scorer(batch, grad=True)
+    out.reward.sum().backward()
+    touched = [t for t in range(7) if video.grad[:, t].abs().sum() > 0]
+    assert touched == [0, 3, 6]
+    torch.testing.assert_close(out.raw.detach(), scorer(batch).raw, atol=1e-5, rtol=0)
+
+
+def test_native_video_needs_a_video_family(scorer_for):
+    with pytest.raises(ValueError, match="video_input 'native'"):
+        scorer_for("vqascore-llava-1.5-7b", "llava", video_input="native")
+    with pytest.raises(ValueError, match="params.video_input"):
+        get_scorer("video-vqascore-qwen2-vl-2b", params={"video_input": "stream"})
