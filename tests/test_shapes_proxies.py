@@ -28,7 +28,7 @@ EVAL_IMAGES = 120
 
 # card id → {split: minimum hard-negative accuracy on build_eval_set(split, EVAL_IMAGES)}.
 FLOORS = {
-    "shapes-clip": {"train": 0.0, "heldout": 0.0},
+    "shapes-clip": {"train": 0.825, "heldout": 0.585},  # measured 0.845 / 0.605
     "shapes-vlm": {"train": 0.0, "heldout": 0.0},
 }
 
