@@ -118,7 +118,7 @@ def _blur(images: Tensor, sigma: Tensor) -> Tensor:
 
 
 def iter_proxy_batches(seed: int, batch_size: int, negatives_per_image: int, augment: Augment,
-                       split: str = "train") -> Iterator[ProxyBatch]:
+                       split: str = "train", order_share: float = ORDER_SHARE) -> Iterator[ProxyBatch]:
     """An endless seeded stream of augmented renders with true and hard-negative captions (distinct kinds)."""
     stream = iter_image_batches(ShapesDataConfig(seed=seed, batch_size=batch_size, split=split, mix=PROXY_MIX))
     rng = np.random.default_rng([seed, 1])
@@ -130,7 +130,7 @@ def iter_proxy_batches(seed: int, batch_size: int, negatives_per_image: int, aug
             chosen: list[tuple[str, PromptSpec, str]] = []
             while len(chosen) < negatives_per_image:
                 pool = tuple(kinds)
-                if not chosen and spec.kind == "relation" and rng.random() < ORDER_SHARE:
+                if not chosen and spec.kind == "relation" and rng.random() < order_share:
                     pool = ORDER_KINDS
                 kind, negative = sample_hard_negative(spec, rng, pool)
                 chosen.append((kind, negative, caption(negative, rng)))
@@ -323,7 +323,8 @@ def _load_vae(vae_dir: str | Path | None) -> Any:
 
 def build_clip_proxy(out_dir: str | Path, minutes: float = 4.0, seed: int = 0, *, max_steps: int = 900,
                      batch_size: int = 64, lr: float = 1e-3, vae_dir: str | Path | None = None,
-                     eval_images: int = 300, num_threads: int | None = 1) -> dict[str, Any]:
+                     eval_images: int = 300, num_threads: int | None = 1,
+                     order_share: float = ORDER_SHARE) -> dict[str, Any]:
     """Train the contrastive CLIP proxy and save it as a ``CLIPModel`` folder that ``ClipScorer`` loads.
 
     Args:
@@ -337,21 +338,22 @@ def build_clip_proxy(out_dir: str | Path, minutes: float = 4.0, seed: int = 0, *
         vae_dir: optional ``AutoencoderKL`` folder; half of each batch goes through its round trip.
         eval_images: images per split for the hard-negative accuracy in the returned metrics.
         num_threads: torch intra-op threads while building (see :func:`torch_threads`); None keeps the setting.
+        order_share: share of relation images whose first negative is an order negative (``ORDER_KINDS``).
 
     Returns:
         Metrics: steps, seconds, final loss, and ``heldin`` / ``heldout`` hard-negative accuracy (overall and per
         kind) on plain ground-truth renders.
     """
     with torch_threads(num_threads):
-        return _build_clip(Path(out_dir), minutes, seed, max_steps, batch_size, lr, vae_dir, eval_images)
+        return _build_clip(Path(out_dir), minutes, seed, max_steps, batch_size, lr, vae_dir, eval_images, order_share)
 
 
 def _build_clip(out: Path, minutes: float, seed: int, max_steps: int, batch_size: int, lr: float,
-                vae_dir: str | Path | None, eval_images: int) -> dict[str, Any]:
+                vae_dir: str | Path | None, eval_images: int, order_share: float) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     model, tokenizer, preprocess = _clip_model(out, seed)
     encoder = _ClipEncoder(model, tokenizer, preprocess)
-    batches = iter_proxy_batches(seed, batch_size, 2, Augment(_load_vae(vae_dir)))
+    batches = iter_proxy_batches(seed, batch_size, 2, Augment(_load_vae(vae_dir)), order_share=order_share)
     model.train()
     metrics: dict[str, Any] = _train(list(model.parameters()),
                                      lambda _: clip_hard_negative_loss(encoder, next(batches)),
@@ -361,7 +363,8 @@ def _build_clip(out: Path, minutes: float, seed: int, max_steps: int, batch_size
     with torch.no_grad():
         for split, name in (("train", "heldin"), ("heldout", "heldout")):
             metrics[name] = hard_negative_accuracy(encoder.cosine, build_eval_set(split, eval_images))
-    metrics.update(seed=seed, max_steps=max_steps, batch_size=batch_size, lr=lr, vae=str(vae_dir) if vae_dir else None)
+    metrics.update(seed=seed, max_steps=max_steps, batch_size=batch_size, lr=lr, order_share=order_share,
+                   vae=str(vae_dir) if vae_dir else None)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
     return metrics
 
@@ -485,7 +488,7 @@ def vlm_yes_no_loss(yes_no: _YesNo, batch: ProxyBatch) -> Tensor:
 def build_vlm_proxy(out_dir: str | Path, minutes: float = 4.0, seed: int = 0, *, max_steps: int = 500,
                     batch_size: int = 32, lr: float = 1e-3, vae_dir: str | Path | None = None,
                     eval_images: int = 300, num_threads: int | None = 1,
-                    vision_init: str | Path | None = None) -> dict[str, Any]:
+                    vision_init: str | Path | None = None, order_share: float = ORDER_SHARE) -> dict[str, Any]:
     """Train the LLaVA-layout yes/no proxy and save it as a folder that ``VlmYesScorer`` loads.
 
     Args:
@@ -499,6 +502,7 @@ def build_vlm_proxy(out_dir: str | Path, minutes: float = 4.0, seed: int = 0, *,
         eval_images: images per split for the hard-negative accuracy (P(Yes | true) > P(Yes | negative)).
         num_threads: torch intra-op threads while building; None keeps the setting.
         vision_init: a CLIP proxy folder whose vision tower initialises the VLM's (build the CLIP first).
+        order_share: share of relation images whose negative is an order negative (``ORDER_KINDS``).
 
     Returns:
         Metrics: steps, seconds, final loss, ``heldin`` / ``heldout`` hard-negative accuracy on ground-truth renders.
@@ -508,7 +512,7 @@ def build_vlm_proxy(out_dir: str | Path, minutes: float = 4.0, seed: int = 0, *,
         out.mkdir(parents=True, exist_ok=True)
         model, processor = _vlm_model(out, seed, vision_init)
         yes_no = _YesNo(model, processor)
-        batches = iter_proxy_batches(seed + 1, batch_size, 1, Augment(_load_vae(vae_dir)))
+        batches = iter_proxy_batches(seed + 1, batch_size, 1, Augment(_load_vae(vae_dir)), order_share=order_share)
         model.train()
         metrics: dict[str, Any] = _train(list(model.parameters()), lambda _: vlm_yes_no_loss(yes_no, next(batches)),
                                          max_steps, minutes, lr, "shapes VLM proxy")
@@ -517,6 +521,7 @@ def build_vlm_proxy(out_dir: str | Path, minutes: float = 4.0, seed: int = 0, *,
         with torch.no_grad():
             for split, name in (("train", "heldin"), ("heldout", "heldout")):
                 metrics[name] = hard_negative_accuracy(yes_no.p_yes, build_eval_set(split, eval_images))
-    metrics.update(seed=seed, max_steps=max_steps, batch_size=batch_size, lr=lr, vae=str(vae_dir) if vae_dir else None)
+    metrics.update(seed=seed, max_steps=max_steps, batch_size=batch_size, lr=lr, order_share=order_share,
+                   vae=str(vae_dir) if vae_dir else None)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
     return metrics
