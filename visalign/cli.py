@@ -16,6 +16,7 @@ COMMANDS: dict[str, str] = {
     "score": "visalign.commands.score",
     "train": "visalign.commands.train",
     "convert-weights": "visalign.commands.convert_weights",
+    "shapes": "visalign.commands.shapes",
     "demo": "visalign.commands.demo",
 }
 
