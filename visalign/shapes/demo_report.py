@@ -58,7 +58,8 @@ def plot_curves(run_dir: Path, history: list[dict[str, Any]], reward_name: str, 
     rows = [r for r in history if f"reward/{reward_name}/mean" in r]
     fig, ax = plt.subplots(figsize=(6.4, 3.2), dpi=100)
     steps = [r["step"] for r in rows]
-    for key, label in ((reward_name, f"proxy ({reward_name})"), (oracle_name, "oracle (gold)")):
+    lines = [(reward_name, f"proxy ({reward_name})"), (oracle_name, "oracle (gold)")]
+    for key, label in lines[1:] if reward_name == oracle_name else lines:
         values = [r.get(f"reward/{key}/mean") for r in rows]
         if any(v is not None for v in values):
             ax.plot(steps, [math.nan if v is None else v for v in values], marker=".", label=label)
