@@ -25,7 +25,7 @@ from visalign.train.checkpoint import latest_checkpoint, load_checkpoint, save_c
 STATEFUL = FAST + ["sample.prompts_per_step=2", "sample.train_steps_per_update=1", "optim.ema_decay=0.9",
                    "optim.warmup_steps=3", "objective.params.inner_epochs=2", "objective.params.micro_batch=2",
                    "reward.terms=[{scorer: brightness, transform: running-zscore}]", "eval.prompts=null",
-                   "run.iterations=6", "run.checkpoint_every=2", "run.keep_last=2", "run.seed=5"]
+                   "run.iterations=5", "run.checkpoint_every=2", "run.keep_last=2", "run.seed=5"]
 
 
 def _cli(out: Path, model: Path) -> list[str]:
@@ -34,8 +34,9 @@ def _cli(out: Path, model: Path) -> list[str]:
 
 
 def _env() -> dict[str, str]:
-    # The same thread count as this process: CPU kernels may reduce in a different order with more threads.
-    return {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads()), "HF_HUB_OFFLINE": "1",
+    # One thread in every run: CPU kernels may reduce in a different order with another thread count, and on a
+    # loaded machine idle OpenMP workers spin and burn CPU.
+    return {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
             "PYTHONPATH": str(REPO)}
 
 
@@ -61,12 +62,12 @@ def test_sigkill_after_checkpoint_then_resume_is_bit_exact(tiny_sd, tmp_path):
     assert proc.returncode == -signal.SIGKILL
     assert not (run / "final").exists(), "the run finished before it was killed; the test proves nothing"
     killed_at = int(latest_checkpoint(run).name.split("-")[1])
-    assert killed_at < 6
+    assert killed_at < 5
 
     # What a crash can leave behind: a temp folder killed after its COMPLETE marker but before the rename, and a
     # newer step folder that never got its marker. Both hold garbage that would break the result if loaded.
     junk = {name: torch.full((2,), 7.0) for name in load_file(str(latest_checkpoint(run) / "weights.safetensors"))}
-    for folder, marker in ((f"step-{killed_at + 1:06d}.tmp-1", True), (f"step-{killed_at + 2:06d}", False)):
+    for folder, marker in ((f"step-{killed_at + 1:06d}.tmp-1", True), (f"step-{killed_at + 1:06d}", False)):
         path = run / "checkpoints" / folder
         path.mkdir()
         save_file(junk, str(path / "weights.safetensors"))
@@ -80,18 +81,19 @@ def test_sigkill_after_checkpoint_then_resume_is_bit_exact(tiny_sd, tmp_path):
     assert ref_weights.keys() == res_weights.keys() and len(ref_weights) > 0
     for name in ref_weights:
         assert torch.equal(ref_weights[name], res_weights[name]), f"{name} differs after resume"
-    # The LoRA moved (else equality is trivial): B matrices start at zero under peft's gaussian init.
-    assert any(ref_weights[n].abs().sum() > 0 for n in ref_weights if "lora_B" in n)
+    # The LoRA moved (else equality is trivial): B ("up") matrices start at zero under peft's gaussian init.
+    ups = [n for n in ref_weights if "lora_B" in n or "lora.up" in n]
+    assert ups and any(ref_weights[n].abs().sum() > 0 for n in ups)
 
     ref_rows = [json.loads(line) for line in (reference / "metrics.jsonl").read_text().splitlines()]
     res_rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in res_rows] == [1, 2, 3, 4, 5, 6], "rows after the checkpoint must not repeat"
+    assert [r["step"] for r in res_rows] == [1, 2, 3, 4, 5], "rows after the checkpoint must not repeat"
     assert [r["reward"] for r in res_rows] == [r["reward"] for r in ref_rows]
     assert [r["lr"] for r in res_rows] == [r["lr"] for r in ref_rows]
     assert json.loads((run / "summary.json").read_text())["train_reward_first"] == pytest.approx(
         json.loads((reference / "summary.json").read_text())["train_reward_first"])
     left = sorted(p.name for p in (run / "checkpoints").iterdir())
-    assert left == ["step-000004", "step-000006"], f"junk and old checkpoints are cleaned up: {left}"
+    assert left == ["step-000004", "step-000005"], f"junk and old checkpoints are cleaned up: {left}"
 
 
 # ---------------------------------------------------------------- the checkpoint files alone (no model)
@@ -167,6 +169,8 @@ def test_only_complete_step_folders_count(tmp_path):
     assert latest_checkpoint(tmp_path).name == "step-000002"
     with pytest.raises(FileNotFoundError, match="not a complete checkpoint"):
         load_checkpoint(root / "step-000008")
+    _save(tmp_path, 3, params, opt)  # the next save sweeps every leftover of a crash, and only those
+    assert sorted(p.name for p in root.iterdir()) == ["notes.txt", "step-000002", "step-000003"]
 
 
 def test_keep_last_prunes_oldest(tmp_path):

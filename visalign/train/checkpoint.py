@@ -78,8 +78,10 @@ def save_checkpoint(run_dir: str | Path, step: int, *, params: dict[str, torch.T
     """
     root = checkpoint_dir(run_dir)
     root.mkdir(parents=True, exist_ok=True)
-    for stale in [*root.glob("*.tmp-*"), *root.glob(".trash-*")]:
-        shutil.rmtree(stale, ignore_errors=True)
+    # Leftovers of a crash: temp folders, folders being pruned, and step folders that never got their marker.
+    for stale in [*root.glob("*.tmp-*"), *root.glob(".trash-*"), *root.glob(f"{PREFIX}*")]:
+        if stale.is_dir() and not (_NAME.fullmatch(stale.name) and (stale / MARKER).is_file()):
+            shutil.rmtree(stale, ignore_errors=True)
     final = root / f"{PREFIX}{step:06d}"
     tmp = root / f"{final.name}.tmp-{os.getpid()}"
     tmp.mkdir()

@@ -65,8 +65,14 @@ class Trainer:
                              "one group each); lower sample.prompts_per_step or add prompts.")
         self.eval_prompts = (read_prompt_file(config.eval.prompts)[: config.eval.max_prompts]
                              if config.eval.prompts else [])
-        torch.manual_seed(config.run.seed)
         m = config.model
+        # Objective params and scorer ids are checked before the model load too (scorer weights load lazily).
+        self.objective = build_objective(config.objective.name, config.objective.params)
+        self.reward = RewardSpec.from_config({"terms": config.reward.terms, "aggregation": config.reward.aggregation,
+                                              "advantage": config.reward.advantage, "device": m.device})
+        self.eval_reward = (RewardSpec.from_config({"terms": config.eval.scorers, "device": m.device})
+                            if config.eval.scorers else self.reward)
+        torch.manual_seed(config.run.seed)
         self.adapter = load_generator(m.model, dtype=m.dtype, device=m.device)
         if m.lora_rank > 0:
             self.adapter.add_lora(LoraSpec(rank=m.lora_rank, alpha=m.lora_alpha, target_modules=list(m.lora_targets)))
@@ -75,11 +81,6 @@ class Trainer:
         if m.gradient_checkpointing:
             self.adapter.set_gradient_checkpointing(True)
         self.params = {n: p for n, p in self.adapter.denoiser.named_parameters() if p.requires_grad}
-        self.reward = RewardSpec.from_config({"terms": config.reward.terms, "aggregation": config.reward.aggregation,
-                                              "advantage": config.reward.advantage, "device": m.device})
-        self.eval_reward = (RewardSpec.from_config({"terms": config.eval.scorers, "device": m.device})
-                            if config.eval.scorers else self.reward)
-        self.objective = build_objective(config.objective.name, config.objective.params)
         o = config.optim
         self.optimizer = torch.optim.AdamW(self.params.values(), lr=o.lr, betas=tuple(o.betas),
                                            weight_decay=o.weight_decay)
@@ -100,6 +101,7 @@ class Trainer:
         return (self.config.run.seed * 1_000_003 + self.iteration * 7919 + salt) % (2**31 - 1)
 
     def sample(self) -> Any:
+        """Roll out ``prompts_per_step`` prompts × ``images_per_prompt`` samples (a :class:`Rollout`, no graph)."""
         s = self.config.sample
         res = self.config.model.resolution
         prompts = self.prompts.take(s.prompts_per_step)
@@ -108,6 +110,11 @@ class Trainer:
                                     negative_prompt=s.negative_prompt, height=res, width=res)
 
     def score(self, rollout: Any) -> Scored:
+        """Rewards, advantages, Pareto/NaN masks and uncertainty weights of a rollout, as an :class:`UpdateBatch`.
+
+        Raises:
+            TrainingError: when no sample has a finite reward.
+        """
         reward = self.reward(ScoreBatch(prompts=rollout.prompts, media=rollout.media), group_ids=rollout.prompts)
         finite = torch.isfinite(reward.total)
         if not finite.any():
@@ -122,7 +129,12 @@ class Trainer:
         if self.config.objective.uncertainty_weights:
             for key, value in reward.extras.items():
                 if key.endswith("/weight") and value.shape == weights.shape:
-                    weights = weights * value.detach().float().cpu()
+                    weights = weights * torch.nan_to_num(value.detach().float().cpu(), nan=0.0)
+            # Mean 1 over the samples that carry the update (UpdateBatch's contract): the weights re-balance samples
+            # without rescaling the learning rate.
+            kept_mean = weights[keep].mean() if keep.any() else torch.tensor(0.0)
+            if kept_mean > 0:
+                weights = weights / kept_mean
         advantages = torch.nan_to_num(reward.advantages.detach().float().cpu(), nan=0.0)
         batch = UpdateBatch(rollout=rollout, rewards=torch.nan_to_num(reward.total.detach().float().cpu(), nan=0.0),
                             per_scorer={k: v.detach().cpu() for k, v in reward.per_scorer.items()},
@@ -140,6 +152,7 @@ class Trainer:
         return steps
 
     def update(self, scored: Scored) -> dict[str, float]:
+        """The objective's gradient steps on one scored rollout; returns its metrics (loss, clipfrac, grad_norm...)."""
         self.adapter.denoiser.train(False)  # dropout stays off: it would break the ratio-1 invariant
         ctx = UpdateContext(self.adapter, self.train_steps(scored.batch.rollout.num_steps), self._optimizer_step,
                             torch.Generator().manual_seed(self._seed(3)))

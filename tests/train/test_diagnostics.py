@@ -1,0 +1,77 @@
+"""Reward-hacking diagnostics and loop helpers that need no model: collapse monitor, diversity, frozen reward
+statistics during evaluation, metrics truncation on resume, the prompt stream's resumable position."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from visalign.scorers import ScoreBatch
+from visalign.scorers.compose import RewardSpec
+from visalign.train.diagnostics import CollapseMonitor, group_diversity
+from visalign.train.loop import _frozen_transforms, truncate_metrics
+from visalign.train.prompts import PromptStream
+
+
+def test_collapse_monitor_baselines_on_first_iterations_and_counts_warnings():
+    monitor = CollapseMonitor(ratio=0.2, baseline_iterations=3)
+    assert [monitor.check(v) for v in (1.0, float("nan"), 0.5, 1.5)] == [None] * 4
+    assert monitor.initial == pytest.approx(1.0)  # mean of 1.0, 0.5, 1.5; NaN skipped
+    assert monitor.check(0.3) is None  # 30 % of the baseline: fine
+    message = monitor.check(0.1)
+    assert message and "reward variance collapse" in message and "0.1" in message
+    monitor.check(0.05)
+    assert monitor.warned == 2
+    restored = CollapseMonitor(ratio=0.2, baseline_iterations=3)
+    restored.load_state_dict(json.loads(json.dumps(monitor.state_dict())))
+    assert restored.initial == monitor.initial and restored.warned == 2
+
+
+def test_group_diversity_is_within_group_only():
+    black, white = torch.zeros(3, 8, 8), torch.ones(3, 8, 8)
+    same = torch.stack([black, black, white, white])
+    assert group_diversity(same, torch.tensor([0, 0, 1, 1])) == 0.0  # groups collapsed, groups differ
+    mixed = torch.stack([black, white, black, white])
+    assert group_diversity(mixed, torch.tensor([0, 0, 1, 1])) == pytest.approx(1.0, abs=1e-5)
+    assert math.isnan(group_diversity(mixed, torch.tensor([0, 1, 2, 3])))
+    video = mixed[:, None].expand(4, 2, 3, 8, 8)
+    assert group_diversity(video, torch.tensor([0, 0, 1, 1])) == pytest.approx(1.0, abs=1e-5)
+
+
+def test_evaluation_leaves_running_reward_statistics_alone():
+    spec = RewardSpec.from_config([{"scorer": "brightness", "transform": "running-zscore"}])
+    batch = ScoreBatch(prompts=["a"] * 3, media=torch.rand(3, 3, 8, 8))
+    spec(batch)
+    before = spec.state_dict()
+    with _frozen_transforms(spec):
+        spec(ScoreBatch(prompts=["a"] * 3, media=torch.ones(3, 3, 8, 8)))
+    assert spec.state_dict() == before
+    spec(batch)  # training calls update the statistics again after the block
+    assert spec.state_dict()["transforms"]["brightness"]["count"] == 6
+
+
+def test_truncate_metrics_drops_later_rows_and_a_torn_line(tmp_path):
+    rows = [{"step": 0, "eval/reward": 0.1}, {"step": 1, "reward": 0.2}, {"step": 2, "reward": 0.3},
+            {"step": 3, "reward": 0.4}]
+    text = "".join(json.dumps(r) + "\n" for r in rows) + '{"step": 4, "rew'
+    (tmp_path / "metrics.jsonl").write_text(text)
+    kept = truncate_metrics(tmp_path, 2)
+    assert kept == rows[:3]
+    assert [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [0, 1, 2]
+
+
+def test_prompt_stream_resumes_mid_epoch():
+    prompts = [f"p{i}" for i in range(5)]
+    stream = PromptStream(prompts, seed=3)
+    stream.take(3), stream.take(3)  # crosses into the second epoch
+    state = stream.state_dict()
+    expected = [stream.take(2) for _ in range(4)]
+    resumed = PromptStream(prompts, seed=3)
+    resumed.load_state_dict(state)
+    assert [resumed.take(2) for _ in range(4)] == expected
+    assert len(set(PromptStream(prompts, seed=3).take(5))) == 5  # an epoch draws every prompt once
+    with pytest.raises(ValueError, match="lower sample.prompts_per_step or add prompts"):
+        stream.take(6)
