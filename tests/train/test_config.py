@@ -121,3 +121,11 @@ def test_help_lists_every_field_with_its_help():
     assert any(line.startswith("optim.lr = 0.0001: AdamW learning rate") for line in lines)
     assert any(line.startswith("reward.advantage.clip = 5.0") for line in lines)
     assert all(":" in line for line in lines)
+
+
+def test_help_config_prints_the_schema(capsys):
+    from visalign.cli import main
+
+    assert main(["train", "--help-config"]) == 0
+    out = capsys.readouterr().out
+    assert "sample.images_per_prompt = 4: Samples per prompt" in out and "run.checkpoint_every = 10" in out
