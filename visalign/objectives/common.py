@@ -1,0 +1,118 @@
+"""Helpers shared by the pairwise and supervised objectives (PRDP, DRAGON, RAFT): pairs within prompt groups,
+micro-batches of whole groups, per-step log-densities computed in two passes, and the denoising-loss call.
+
+Two-pass backward (PRDP). A loss that is a non-linear function of the *sum* of per-step log-densities (PRDP's
+squared error) cannot be backpropagated one step at a time directly, and keeping every step's graph costs
+``len(train_steps)`` forward passes of activation memory. Because the loss depends on θ only through the values
+``l_t = logp_θ(step t)``, ``∇θ L = Σ_t (∂L/∂l_t)·∇θ l_t``: compute the ``l_t`` without a graph, get ``∂L/∂l_t`` from
+autograd on that small ``[B, S]`` tensor, then redo each step with a graph and backpropagate ``Σ_b (∂L/∂l_bt)·l_bt``.
+Memory stays one step's worth, exactly as GRPO's per-step backward.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from visalign.generators.base import GeneratorAdapter, Rollout
+
+
+def within_group_pairs(group_ids: Tensor, weights: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """All unordered pairs ``(a, b)``, ``a < b``, of samples in the same prompt group.
+
+    Pairs never cross prompts: the partition function ``Z(c)`` of the KL-regularised optimum cancels only between two
+    samples of the same prompt (METHODS.md §4 Checks).
+
+    Args:
+        group_ids: int64 ``[B]``, the prompt group of each sample.
+        weights: optional float ``[B]``; samples with weight 0 (dropped by Pareto filtering) are left out.
+
+    Returns:
+        ``(a, b)``: int64 ``[P]`` index tensors, in row-major order of ``(a, b)``.
+    """
+    same = group_ids[:, None] == group_ids[None, :]
+    upper = torch.ones_like(same).triu(diagonal=1)
+    valid = same & upper
+    if weights is not None:
+        alive = weights > 0
+        valid &= alive[:, None] & alive[None, :]
+    a, b = torch.nonzero(valid, as_tuple=True)
+    return a, b
+
+
+def group_micro_batches(group_ids: Tensor, active: Tensor, groups_per_step: int,
+                        generator: torch.Generator) -> list[list[int]]:
+    """Shuffle the prompt groups and cut them into micro-batches of whole groups (pairs stay inside one batch).
+
+    Args:
+        group_ids: int64 ``[B]``.
+        active: int64 ``[N]`` indices of the samples that take part.
+        groups_per_step: groups per micro-batch; 0 = all groups in one.
+        generator: CPU generator for the shuffle (seeded by the loop, so resumes replay it).
+
+    Returns:
+        Lists of sample indices, each sorted (the rollout's own order within a micro-batch).
+    """
+    groups = torch.unique(group_ids[active])
+    groups = groups[torch.randperm(groups.numel(), generator=generator)]
+    size = groups_per_step or max(int(groups.numel()), 1)
+    chunks = []
+    for start in range(0, int(groups.numel()), size):
+        chosen = groups[start:start + size]
+        members = active[torch.isin(group_ids[active], chosen)]
+        chunks.append(sorted(members.tolist()))
+    return chunks
+
+
+def step_log_densities(adapter: GeneratorAdapter, rollout: Rollout, steps: Sequence[int]) -> Tensor:
+    """True per-step log-densities (``logp_sum``) of the rollout's transitions, without a graph.
+
+    Each step's graph is dropped as soon as its value is read, so memory is one step's worth.
+
+    Returns:
+        float32 ``[B, len(steps)]``, detached.
+    """
+    columns = []
+    for j in steps:
+        columns.append(adapter.recompute_step(rollout, j).log_prob_sum.detach())
+    return torch.stack(columns, dim=1)
+
+
+def backward_through_steps(adapter: GeneratorAdapter, rollout: Rollout, steps: Sequence[int],
+                           grad_log_densities: Tensor) -> None:
+    """Second pass of the two-pass backward: accumulate ``∇θ Σ_{b,t} g_bt · logp_sum_θ(b, t)`` into ``.grad``.
+
+    Args:
+        grad_log_densities: float ``[B, len(steps)]``, ``∂L/∂logp_sum`` from the first pass (constants).
+    """
+    for column, j in enumerate(steps):
+        coef = grad_log_densities[:, column]
+        if not torch.any(coef != 0):
+            continue  # this step carries no gradient (e.g. every pair's proximal branch is clipped there)
+        out = adapter.recompute_step(rollout, j)
+        (coef.to(out.log_prob_sum.device) * out.log_prob_sum).sum().backward()
+
+
+def denoising_loss(adapter: GeneratorAdapter, latents_x0: Tensor, rollout: Rollout, index: Sequence[int], *,
+                   timesteps: Tensor | None = None, noise: Tensor | None = None,
+                   generator: torch.Generator | None = None):
+    """The adapter's per-sample denoising loss on clean latents, conditioned on the rows ``index`` of the rollout.
+
+    Args:
+        latents_x0: clean latents ``[N, ...]`` (e.g. ``rollout.latents[index, -1]``).
+        rollout: where the condition (prompt embeddings) comes from.
+        index: N sample indices into the rollout, one per row of ``latents_x0``.
+        timesteps, noise: shared draws (Diffusion-DPO pairs); None draws them from the model's training distribution.
+        generator: CPU generator for those draws.
+
+    Returns:
+        The adapter's ``DenoisingLoss``: ``loss`` float32 ``[N]`` (mean-over-elements MSE, differentiable),
+        ``timesteps [N]`` and ``noise [N, ...]`` that were used.
+    """
+    if not hasattr(adapter, "denoising_loss"):
+        raise NotImplementedError(f"{type(adapter).__name__} has no denoising_loss(); DRAGON and RAFT need a "
+                                  "generator adapter that implements it (visalign.generators.base).")
+    condition = rollout.condition.select(list(index))
+    return adapter.denoising_loss(latents_x0, condition, timesteps=timesteps, noise=noise, generator=generator)
