@@ -234,6 +234,8 @@ def test_tensor_inputs_equal_the_processor_and_upstream_positions(card, family, 
         assert fast[key].dtype == reference[key].dtype or fast[key].is_floating_point(), key
         torch.testing.assert_close(fast[key], reference[key], atol=1e-6, rtol=0, check_dtype=False)
     assert not fast["attention_mask"].all(), "the three texts must need padding for this test to mean anything"
+    # Qwen's question sits between added tokens, so its ids are spliced into cached template ids; LLaVA's is not.
+    assert (scorer._splice_cache[("image", per_query)] is not None) == (family != "llava")
     if scorer.family.mrope:
         from visalign.scorers.vlm_inputs import mrope_position_ids
 

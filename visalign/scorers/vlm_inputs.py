@@ -6,9 +6,9 @@ expands each image placeholder into N tokens by string replacement, re-tokenises
 builds ``mm_token_type_ids`` in Python; the model loops over rows in ``get_rope_index`` and over images in the vision
 tower's rotary position ids. This module rebuilds the same tensors with a fixed number of tensor ops per batch:
 
-* :func:`expand_placeholders`: tokenise the *unexpanded* chat texts (one placeholder per image), then repeat each
-  placeholder id by its token count with ``repeat_interleave`` and re-pad. Exact because the placeholder is an added
-  (special) token, which tokenizers split out before BPE, so N copies of it tokenise to N ids.
+* :func:`expand_placeholders`: from the token ids of the *unexpanded* chat texts (one placeholder per image),
+  repeat each placeholder id by its token count with ``repeat_interleave`` and pad. Exact because the placeholder is
+  an added (special) token, which tokenizers split out before BPE, so N copies of it tokenise to N ids.
 * :func:`mrope_position_ids`: Qwen2-VL's 3-D M-RoPE positions for a left- or right-padded batch, vectorised.
 * :func:`qwen2_vl_encode`: the vision tower run with its rotary position ids and ``cu_seqlens`` precomputed once per
   grid (the tower pops them from its kwargs; see transformers ``vision_utils.py``).
@@ -22,6 +22,7 @@ compare every output with the upstream one (tests/test_vlm_yes.py).
 from __future__ import annotations
 
 from functools import lru_cache
+from itertools import chain
 from typing import Any
 
 import torch
@@ -29,44 +30,42 @@ import torch.nn.functional as F
 from torch import Tensor
 
 
-def expand_placeholders(input_ids: Tensor, attention_mask: Tensor, token_id: int, counts: Tensor, pad_id: int,
+def expand_placeholders(rows: list[list[int]], token_id: int, counts: Tensor, pad_id: int,
                         left_pad: bool) -> tuple[Tensor, Tensor]:
-    """Repeat each placeholder token by its count and re-pad the batch, as the processor's string expansion does.
+    """Repeat each placeholder token by its count and pad the batch, as the processor's string expansion does.
 
     Args:
-        input_ids: long ``[B, L]``, the tokenised unexpanded texts (padded on either side).
-        attention_mask: ``[B, L]``, 1 on real tokens.
+        rows: per text, its token ids with one placeholder per image (unpadded).
         token_id: the placeholder id (``<|image_pad|>``, ``<image>``, ...).
-        counts: long ``[P]``, tokens per placeholder, in row-major order of the placeholders in ``input_ids``.
+        counts: long ``[P]``, tokens per placeholder, in order of the placeholders over ``rows``.
         pad_id: id written at padded positions.
         left_pad: pad on the left (True) or on the right.
 
     Returns:
-        ``(input_ids, attention_mask)``, long ``[B, L']`` with ``L'`` the longest expanded row.
+        ``(input_ids, attention_mask)``, long ``[B, L]`` with ``L`` the longest expanded row.
     """
-    real = attention_mask.bool()
-    tokens = input_ids[real]  # row-major: rows in order, each row's real tokens in order
+    tokens = torch.tensor(list(chain.from_iterable(rows)), dtype=torch.long)
+    row_lengths = torch.tensor([len(row) for row in rows], dtype=torch.long)
     is_placeholder = tokens == token_id
     if int(is_placeholder.sum()) != counts.numel():
         raise ValueError(f"The chat texts hold {int(is_placeholder.sum())} placeholder tokens (id {token_id}) but "
                          f"{counts.numel()} images were given; the chat template must emit one placeholder per image.")
     repeats = torch.ones_like(tokens)
-    repeats[is_placeholder] = counts.to(tokens.device, tokens.dtype)
+    repeats[is_placeholder] = counts.to(torch.long).cpu()
     expanded = torch.repeat_interleave(tokens, repeats)
-    row_of_token = torch.repeat_interleave(torch.arange(input_ids.shape[0], device=tokens.device), real.sum(1))
-    lengths = torch.zeros(input_ids.shape[0], dtype=torch.long, device=tokens.device).index_add_(0, row_of_token,
-                                                                                                  repeats)
+    batch = len(rows)
+    row_of_token = torch.repeat_interleave(torch.arange(batch), row_lengths)
+    lengths = torch.zeros(batch, dtype=torch.long).index_add_(0, row_of_token, repeats)
     width = int(lengths.max())
-    rows = torch.repeat_interleave(torch.arange(input_ids.shape[0], device=tokens.device), lengths)
-    row_start = torch.cumsum(lengths, 0) - lengths
-    cols = torch.arange(expanded.numel(), device=tokens.device) - row_start[rows]
+    row = torch.repeat_interleave(torch.arange(batch), lengths)
+    col = torch.arange(expanded.numel()) - (torch.cumsum(lengths, 0) - lengths)[row]
     if left_pad:
-        cols = cols + (width - lengths)[rows]
-    out_ids = torch.full((input_ids.shape[0], width), pad_id, dtype=input_ids.dtype, device=tokens.device)
-    out_mask = torch.zeros((input_ids.shape[0], width), dtype=attention_mask.dtype, device=tokens.device)
-    out_ids[rows, cols] = expanded
-    out_mask[rows, cols] = 1
-    return out_ids, out_mask
+        col = col + (width - lengths)[row]
+    input_ids = torch.full((batch, width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((batch, width), dtype=torch.long)
+    input_ids[row, col] = expanded
+    attention_mask[row, col] = 1
+    return input_ids, attention_mask
 
 
 def mrope_position_ids(input_ids: Tensor, attention_mask: Tensor, vision_ids: tuple[int, ...], grids: Tensor,

@@ -207,10 +207,12 @@ class VlmYesScorer(Scorer):
         self.processor, self.model = processor, model
         self._render_cache: dict[tuple[str, int], str | None] = {}
         self._fast_checked: dict[tuple, bool] = {}
+        self._splice_cache: dict[tuple[str, int], tuple[str, str, list[int], list[int]] | None] = {}
 
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()
-        for key in ("processor", "model", "family", "yes_ids", "no_ids", "_render_cache", "_fast_checked"):
+        for key in ("processor", "model", "family", "yes_ids", "no_ids", "_render_cache", "_fast_checked",
+                    "_splice_cache"):
             state.pop(key, None)  # reloaded lazily in the worker, like the weights
         return state
 
@@ -345,10 +347,46 @@ class VlmYesScorer(Scorer):
             return None
         token_id = self.processor.video_token_id if kind == "video" else self.processor.image_token_id
         tokenizer = self.processor.tokenizer
-        encoded = tokenizer(texts, padding=True, return_tensors="pt")
-        ids, mask = expand_placeholders(encoded["input_ids"], encoded["attention_mask"], token_id, counts,
-                                        tokenizer.pad_token_id, tokenizer.padding_side == "left")
+        rows = self._token_rows(texts, kind, len(flat) // len(texts))
+        ids, mask = expand_placeholders(rows, token_id, counts, tokenizer.pad_token_id,
+                                        tokenizer.padding_side == "left")
         return {"input_ids": ids, "attention_mask": mask, **pixels}
+
+    def _token_rows(self, texts: list[str], kind: str, count: int) -> list[list[int]]:
+        """Token ids of rendered texts: the template's cached ids around each question's, where that is exact.
+
+        Tokenising only the questions roughly halves the tokenizer's work per sample. Splicing is exact when the
+        question sits between two added tokens (Qwen2-VL: ``<|vision_end|>`` … ``<|im_end|>``), because tokenizers
+        split added tokens out before pre-tokenisation, so the question's text is tokenised on its own either way;
+        it is also checked once per template on a probe question. Otherwise whole texts are tokenised.
+        """
+        tokenizer = self.processor.tokenizer
+        if (kind, count) not in self._splice_cache:
+            self._splice_cache[(kind, count)] = self._template_splice(kind, count)
+        splice = self._splice_cache[(kind, count)]
+        if splice is not None:
+            prefix, suffix, head, tail = splice
+            if all(t.startswith(prefix) and t.endswith(suffix) for t in texts):
+                questions = [t[len(prefix):len(t) - len(suffix)] for t in texts]
+                return [head + body + tail for body in tokenizer(questions, add_special_tokens=False)["input_ids"]]
+        return tokenizer(texts)["input_ids"]
+
+    def _template_splice(self, kind: str, count: int) -> tuple[str, str, list[int], list[int]] | None:
+        """(prefix, suffix, prefix ids, suffix ids) of the cached template, or None where splicing is not exact."""
+        self.render("", count, kind)  # fills the render cache
+        template = self._render_cache.get((kind, count))
+        if template is None:
+            return None
+        prefix, suffix = template.split(_SENTINEL)
+        tokenizer = self.processor.tokenizer
+        added = list(tokenizer.get_added_vocab())
+        if not (any(prefix.endswith(t) for t in added) and any(suffix.startswith(t) for t in added)):
+            return None
+        head = tokenizer(prefix)["input_ids"]
+        tail = tokenizer(suffix, add_special_tokens=False)["input_ids"]
+        probe = 'Does this "x, y."? Yes or No.'
+        spliced = head + tokenizer(probe, add_special_tokens=False)["input_ids"] + tail
+        return (prefix, suffix, head, tail) if spliced == tokenizer(prefix + probe + suffix)["input_ids"] else None
 
     def _fast_matches_processor(self, texts: list[str], images: list[list[Tensor]], kind: str) -> bool:
         """Whether :meth:`tensor_inputs` reproduces the processor on one query (tokens exactly, pixels to 1e-5)."""
