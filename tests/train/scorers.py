@@ -9,11 +9,17 @@ import torch
 
 
 class BrightnessOddNan:
-    """Mean pixel value, but NaN (abstain) for every odd-indexed sample of a batch: ``[B]`` float32."""
+    """Mean pixel value, but NaN (abstain) for the odd-indexed samples whose prompt metadata has ``skip_odd: true``
+    (a column of the prompt table, which reaches scorers as ``metadata``): ``[B]`` float32."""
 
-    def __call__(self, media: torch.Tensor, prompts: list[str], **kwargs: object) -> torch.Tensor:
+    def __call__(self, media: torch.Tensor, prompts: list[str], metadata: list[dict] | None = None,
+                 **kwargs: object) -> torch.Tensor:
+        if metadata is None:
+            raise ValueError("BrightnessOddNan needs the prompt table's metadata (a skip_odd column).")
         reward = media.float().flatten(1).mean(1)
-        reward[1::2] = float("nan")
+        for i, meta in enumerate(metadata):
+            if i % 2 and meta["skip_odd"]:
+                reward[i] = float("nan")
         return reward
 
 

@@ -75,3 +75,31 @@ def test_prompt_stream_resumes_mid_epoch():
     assert len(set(PromptStream(prompts, seed=3).take(5))) == 5  # an epoch draws every prompt once
     with pytest.raises(ValueError, match="lower sample.prompts_per_step or add prompts"):
         stream.take(6)
+
+
+def test_prompt_tables_carry_metadata(tmp_path):
+    from visalign.scoring import InputError
+    from visalign.train.prompts import read_prompt_table
+
+    jsonl = tmp_path / "p.jsonl"
+    jsonl.write_text('{"prompt": "a red circle", "count": 1}\n\n{"prompt": " ", "count": 0}\n'
+                     '{"prompt": "two cats", "count": 2}\n')
+    assert read_prompt_table(jsonl) == (["a red circle", "two cats"], [{"count": 1}, {"count": 2}])
+    csv = tmp_path / "p.csv"
+    csv.write_text("prompt,tag\na dog,animal\na car,vehicle\n")
+    prompts, meta = read_prompt_table(csv)
+    stream = PromptStream(prompts, seed=0, metadata=meta)
+    drawn, drawn_meta = stream.take_with_metadata(2)
+    assert sorted(drawn) == ["a car", "a dog"]
+    assert [m["tag"] for m in drawn_meta] == [{"a dog": "animal", "a car": "vehicle"}[p] for p in drawn]
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "a dog"}\n')
+    with pytest.raises(InputError, match="needs a 'prompt' column; the first row has \\['text'\\]"):
+        read_prompt_table(bad)
+
+
+def test_a_step_never_draws_the_same_prompt_twice():
+    stream = PromptStream(["a", "b", "c"], seed=1)
+    for _ in range(20):  # steps of 2 out of 3 cross an epoch boundary every other step
+        drawn = stream.take(2)
+        assert len(set(drawn)) == 2

@@ -135,16 +135,21 @@ def test_wandb_asked_but_missing(tmp_path, capsys, tiny_sd):
 def test_nan_for_some_samples_drops_them_and_training_continues(tmp_path, tiny_sd):
     from visalign.train.loop import Trainer
 
+    prompts = tmp_path / "prompts.jsonl"  # metadata columns travel with each prompt's samples to the scorer
+    prompts.write_text('{"prompt": "a red circle", "skip_odd": true}\n'
+                       '{"prompt": "a blue square", "skip_odd": false}\n')
     out = tmp_path / "run"
-    config = load_train_config(TINY_RECIPE, [*FAST, "sample.images_per_prompt=4", f"model.model={tiny_sd}",
+    config = load_train_config(TINY_RECIPE, [*FAST, "sample.images_per_prompt=4", "sample.prompts_per_step=2",
+                                             f"sample.prompts={prompts}", f"model.model={tiny_sd}",
                                              f"run.output_dir={out}", "run.iterations=2", "eval.prompts=null",
                                              "reward.terms=['tests.train.scorers:BrightnessOddNan']"])
     summary = Trainer(config).run()
     rows = read_metrics(out)
     assert [r["step"] for r in rows] == [1, 2]
-    # Samples 1 and 3 abstain: dropped from the update (half the batch is active) and counted.
+    # Samples 1 and 3 of the red-circle group abstain: dropped from the update and counted; the other 6 of 8
+    # samples carry it.
     assert [r["nan_dropped"] for r in rows] == [2.0, 2.0]
-    assert [r["active_fraction"] for r in rows] == [0.5, 0.5]
+    assert [r["active_fraction"] for r in rows] == [0.75, 0.75]
     assert all(r["grad_norm"] > 0 for r in rows)
     assert summary["nan_dropped"] == 4
     assert (out / "final" / "pytorch_lora_weights.safetensors").is_file()

@@ -31,7 +31,7 @@ from visalign.train.checkpoint import latest_checkpoint, load_checkpoint, save_c
 from visalign.train.config import TrainConfig
 from visalign.train.diagnostics import CollapseMonitor, group_diversity
 from visalign.train.logging import RunLogger
-from visalign.train.prompts import PromptStream, read_prompt_file
+from visalign.train.prompts import PromptStream, read_prompt_file, read_prompt_table
 
 
 class TrainingError(RuntimeError):
@@ -58,7 +58,8 @@ class Trainer:
             raise TrainingError("run.wandb is true but wandb is not installed: pip install wandb, or set "
                                 "run.wandb=false (metrics.jsonl and TensorBoard are written either way).")
         # Prompt files are checked before the (slow) model load, so a bad file fails in a second.
-        self.prompts = PromptStream(read_prompt_file(config.sample.prompts), seed=config.run.seed)
+        prompts, metadata = read_prompt_table(config.sample.prompts)
+        self.prompts = PromptStream(prompts, seed=config.run.seed, metadata=metadata)
         if config.sample.prompts_per_step > len(self.prompts.prompts):
             raise ValueError(f"sample.prompts_per_step is {config.sample.prompts_per_step} but {config.sample.prompts}"
                              f" has only {len(self.prompts.prompts)} distinct prompts (a step draws distinct prompts, "
@@ -104,10 +105,13 @@ class Trainer:
         """Roll out ``prompts_per_step`` prompts × ``images_per_prompt`` samples (a :class:`Rollout`, no graph)."""
         s = self.config.sample
         res = self.config.model.resolution
-        prompts = self.prompts.take(s.prompts_per_step)
-        return self.adapter.rollout(prompts, images_per_prompt=s.images_per_prompt, steps=s.steps,
-                                    guidance=s.guidance, eta=s.eta, seed=self._seed(1),
-                                    negative_prompt=s.negative_prompt, height=res, width=res)
+        prompts, metadata = self.prompts.take_with_metadata(s.prompts_per_step)
+        rollout = self.adapter.rollout(prompts, images_per_prompt=s.images_per_prompt, steps=s.steps,
+                                       guidance=s.guidance, eta=s.eta, seed=self._seed(1),
+                                       negative_prompt=s.negative_prompt, height=res, width=res)
+        if any(metadata):  # the prompt table's other columns, one dict per sample, for the scorers
+            rollout.extras["metadata"] = [m for m in metadata for _ in range(s.images_per_prompt)]
+        return rollout
 
     def score(self, rollout: Any) -> Scored:
         """Rewards, advantages, Pareto/NaN masks and uncertainty weights of a rollout, as an :class:`UpdateBatch`.
@@ -115,7 +119,8 @@ class Trainer:
         Raises:
             TrainingError: when no sample has a finite reward.
         """
-        reward = self.reward(ScoreBatch(prompts=rollout.prompts, media=rollout.media), group_ids=rollout.prompts)
+        batch = ScoreBatch(prompts=rollout.prompts, media=rollout.media, metadata=rollout.extras.get("metadata"))
+        reward = self.reward(batch, group_ids=rollout.prompts)
         finite = torch.isfinite(reward.total)
         if not finite.any():
             raise TrainingError(f"Every sample's reward is NaN at iteration {self.iteration} (terms "
