@@ -103,3 +103,24 @@ def test_a_step_never_draws_the_same_prompt_twice():
     for _ in range(20):  # steps of 2 out of 3 cross an epoch boundary every other step
         drawn = stream.take(2)
         assert len(set(drawn)) == 2
+
+
+def test_logger_writes_jsonl_image_and_video_grids(tmp_path):
+    from PIL import Image
+
+    from visalign.train.logging import RunLogger, read_metrics
+
+    logger = RunLogger(tmp_path, tensorboard=True)
+    logger.log(1, {"reward": 0.5, "kl": float("nan")})
+    png = logger.grid(1, torch.rand(4, 3, 8, 8), columns=2)
+    video = torch.zeros(2, 3, 3, 8, 8)
+    video[:, 1] = 1.0  # the middle frame is white: a first-frame-only grid would miss it
+    vid_png = logger.grid(2, video, columns=2, tag="train")
+    logger.close()
+    assert read_metrics(tmp_path) == [{"step": 1, "reward": 0.5, "kl": None}]  # NaN → null, still valid JSON
+    assert Image.open(png).size == (2 * 8 + 3 * 2, 2 * 8 + 3 * 2)
+    gif = Image.open(vid_png.with_suffix(".gif"))
+    assert gif.n_frames == 3
+    gif.seek(1)
+    assert max(gif.convert("L").getdata()) == 255
+    assert any((tmp_path / "tensorboard").iterdir())

@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from visalign.media import make_grid, save_image
+from visalign.media import make_grid, save_image, save_video
 
 
 class RunLogger:
@@ -49,13 +49,26 @@ class RunLogger:
             self._wandb.log(metrics, step=step)
 
     def grid(self, step: int, media: torch.Tensor, columns: int, tag: str = "eval") -> Path:
-        """Save a grid of images ``[N, 3, H, W]`` (videos: first frame) to ``grids/{tag}-{step:06d}.png``."""
-        if media.ndim == 5:
-            media = media[:, 0]
+        """Save a grid of the samples to ``grids/{tag}-{step:06d}.png``; videos also as an animated GIF of per-frame
+        grids (``.gif`` beside it), so motion can be checked, not only the first frame.
+
+        Args:
+            media: float in [0, 1], images ``[N, 3, H, W]`` or videos ``[N, T, 3, H, W]``.
+            columns: samples per grid row.
+
+        Returns:
+            The PNG path (first frame for videos).
+        """
         folder = self.run_dir / "grids"
         folder.mkdir(exist_ok=True)
         path = folder / f"{tag}-{step:06d}.png"
-        grid = make_grid(media.detach().float().cpu(), columns=columns)
+        media = media.detach().float().cpu()
+        if media.ndim == 5:
+            frames = torch.stack([make_grid(media[:, t], columns=columns) for t in range(media.shape[1])])
+            save_video(frames, path.with_suffix(".gif"))
+            grid = frames[0]
+        else:
+            grid = make_grid(media, columns=columns)
         save_image(grid, path)
         if self._tb is not None:
             self._tb.add_image(tag, grid, step)
