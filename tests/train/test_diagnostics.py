@@ -124,3 +124,15 @@ def test_logger_writes_jsonl_image_and_video_grids(tmp_path):
     gif.seek(1)
     assert max(gif.convert("L").getdata()) == 255
     assert any((tmp_path / "tensorboard").iterdir())
+
+
+def test_builtin_prompt_sets():
+    from visalign.scoring import InputError
+    from visalign.shapes.prompt_sets import build_prompt_sets
+    from visalign.train.prompts import list_prompt_sets, read_prompt_table
+
+    assert "shapes:train" in list_prompt_sets() and "shapes:heldin_eval" in list_prompt_sets()
+    prompts, meta = read_prompt_table("shapes:train")
+    assert prompts == build_prompt_sets()["train.txt"] and meta == [{}] * len(prompts)
+    with pytest.raises(InputError, match="Unknown built-in prompt set 'shapes:trian'; known: \\['shapes:"):
+        read_prompt_table("shapes:trian")

@@ -36,8 +36,9 @@ class ModelConfig:
 
 @dataclass
 class SampleConfig:
-    prompts: str = field(default="", metadata={"help": "Training prompts: a .txt (one per line) or .jsonl/.csv "
-                                                        "with a 'prompt' column."})
+    prompts: str = field(default="", metadata={"help": "Training prompts: a .txt (one per line), a .jsonl/.csv "
+                                                        "with a 'prompt' column (other columns reach the scorers "
+                                                        "as metadata), or a built-in set such as shapes:train."})
     prompts_per_step: int = field(default=4, metadata={"help": "Distinct prompts sampled per iteration."})
     images_per_prompt: int = field(default=4, metadata={"help": "Samples per prompt: the group size G of the "
                                                                 "advantage normalisation (≥ 2)."})
