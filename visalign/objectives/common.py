@@ -116,3 +116,52 @@ def denoising_loss(adapter: GeneratorAdapter, latents_x0: Tensor, rollout: Rollo
                                   "generator adapter that implements it (visalign.generators.base).")
     condition = rollout.condition.select(list(index))
     return adapter.denoising_loss(latents_x0, condition, timesteps=timesteps, noise=noise, generator=generator)
+
+
+# ---------------------------------------------------------------- preference surrogates on denoising errors
+
+
+def diffusion_dpo_loss(model_w: Tensor, model_l: Tensor, ref_w: Tensor, ref_l: Tensor, beta: float
+                       ) -> tuple[Tensor, Tensor]:
+    """Diffusion-DPO per pair (METHODS.md §6a; SalesforceAIResearch/DiffusionDPO train.py).
+
+    ``inside = −(β/2)·[(ℓ_θ(x_w) − ℓ_ref(x_w)) − (ℓ_θ(x_l) − ℓ_ref(x_l))]``, ``L = −log σ(inside)``; at θ = ref,
+    ``inside = 0`` and ``L = log 2``.
+
+    Args:
+        model_w, model_l: float ``[P]`` denoising MSEs of the preferred / rejected samples under θ (with gradients),
+            computed at the SAME (t, ε) within each pair.
+        ref_w, ref_l: float ``[P]``, the reference's MSEs at those draws (constants).
+        beta: β, calibrated to mean-over-elements MSE (DiffusionDPO: 5000).
+
+    Returns:
+        ``(loss [P], inside [P])``; ``implicit_acc = mean(inside > 0)``.
+    """
+    inside = -0.5 * beta * ((model_w - ref_w) - (model_l - ref_l))
+    return torch.nn.functional.softplus(-inside), inside
+
+
+def diffusion_kto_loss(model: Tensor, ref: Tensor, desirable: Tensor, beta: float, *, lambda_desirable: float = 1.0,
+                       lambda_undesirable: float = 1.0) -> tuple[Tensor, Tensor]:
+    """Diffusion-KTO per sample (METHODS.md §5; jacklishufan/diffusion-kto train_kto_sd_v1.5.py).
+
+    ``g = ℓ_ref − ℓ_θ`` (how much better θ denoises than the reference), reference point
+    ``z0 = sg(clamp(mean(g), min=0))`` over the batch, ``h = σ(sign·β·(g − z0))`` with sign +1 on D+ and −1 on D−,
+    ``L = w·(1 − h)`` with ``w = λ_D`` on D+ and ``λ_U`` on D−.
+
+    Args:
+        model: float ``[N]`` denoising MSEs under θ (with gradients).
+        ref: float ``[N]`` the reference's MSEs at the same (t, ε) per sample (constants).
+        desirable: bool ``[N]``, True for D+.
+        beta: β (as for Diffusion-DPO, calibrated to mean-over-elements MSE).
+        lambda_desirable, lambda_undesirable: λ_D, λ_U.
+
+    Returns:
+        ``(loss [N], z0)``: per-sample losses in [0, max λ], and the scalar reference point (detached).
+    """
+    g = ref - model
+    z0 = g.detach().mean().clamp(min=0)
+    sign = desirable.to(g.dtype) * 2 - 1
+    h = torch.sigmoid(sign * beta * (g - z0))
+    weight = torch.where(desirable, torch.full_like(g, lambda_desirable), torch.full_like(g, lambda_undesirable))
+    return weight * (1 - h), z0

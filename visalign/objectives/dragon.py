@@ -1,0 +1,183 @@
+"""DRAGON: on-policy positive and negative sets, trained with a contrastive denoising surrogate (METHODS.md §5).
+
+Each iteration's rollout is split into a positive set D+ and a negative set D− by its rewards, then the model is
+pulled toward D+ and away from D− relative to a reference (arXiv 2504.15217; the surrogates and split rules are
+[unverified], METHODS.md §5 Confidence):
+
+- ``mode: paired`` — instance rewards (pointwise or instance-to-distribution scorers): in every prompt group the
+  best sample goes to D+ and the worst to D− (same prompt: a preference pair), trained with Diffusion-DPO (§6a):
+  ``L = −log σ(−(β/2)·[(ℓ_θ(x_w) − ℓ_ref(x_w)) − (ℓ_θ(x_l) − ℓ_ref(x_l))])`` with ``(t, ε)`` shared within the pair.
+- ``mode: unpaired`` — set-level rewards (full-set Fréchet distance, Vendi): the scorer already turns the set value
+  into per-sample leave-one-out credits ``Δ_i`` (``visalign/scorers/distributional.py``, ``fd-change`` mode), so
+  ``D+ = {i : Δ_i > median Δ}`` over the batch and ``D− =`` the rest, trained with Diffusion-KTO (§5):
+  ``L = w·(1 − σ(sign·β·(ℓ_ref − ℓ_θ − z0)))``, ``z0 = sg(clamp(mean(ℓ_ref − ℓ_θ), min=0))``.
+
+ℓ is the adapter's per-sample ``denoising_loss`` (mean-over-elements MSE, conditional branch) on the rollout's final
+latents. The reference is the LoRA-disabled base model (``reference: base``) or the rollout snapshot θ_old
+(``reference: old``, which also serves full fine-tunes: θ = θ_old when the update starts, so the first step's DPO loss
+is log 2 and its KTO ``g`` is 0). The ``(t, ε)`` draws and the reference losses are made once per rollout.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from visalign.objectives.base import MetricMeans, Objective, UpdateBatch, UpdateContext, micro_batches
+from visalign.objectives.common import denoising_loss, diffusion_dpo_loss, diffusion_kto_loss
+
+MODES = ("paired", "unpaired")
+REFERENCES = ("base", "old")
+
+
+@dataclass
+class DragonParams:
+    mode: str = field(default="paired", metadata={"help": "'paired': best vs worst of each prompt group → "
+                                                          "Diffusion-DPO (instance rewards); 'unpaired': above vs "
+                                                          "below the batch median → Diffusion-KTO (set-level)."})
+    beta: float = field(default=5000.0, metadata={"help": "β of the DPO/KTO surrogate, calibrated to mean-over-"
+                                                          "elements MSE (DiffusionDPO: 5000)."})
+    reference: str = field(default="base", metadata={"help": "'base': the LoRA-disabled model (needs LoRA); 'old': "
+                                                             "the model as it was when the rollout was sampled."})
+    lambda_desirable: float = field(default=1.0, metadata={"help": "KTO weight λ_D of D+ samples (unpaired mode)."})
+    lambda_undesirable: float = field(default=1.0, metadata={"help": "KTO weight λ_U of D− samples (unpaired mode)."})
+    inner_steps: int = field(default=1, metadata={"help": "Passes over each rollout's D+/D− (same (t, ε) draws)."})
+    micro_batch: int = field(default=0, metadata={"help": "Pairs (paired) or samples (unpaired) per optimizer step; "
+                                                          "0 = all of them in one step."})
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"dragon mode must be one of {MODES}; got {self.mode!r}.")
+        if self.reference not in REFERENCES:
+            raise ValueError(f"dragon reference must be one of {REFERENCES}; got {self.reference!r}.")
+        if self.beta <= 0 or self.lambda_desirable < 0 or self.lambda_undesirable < 0:
+            raise ValueError("dragon needs beta > 0 and lambda_desirable, lambda_undesirable >= 0.")
+        if self.inner_steps < 1 or self.micro_batch < 0:
+            raise ValueError("dragon needs inner_steps >= 1 and micro_batch >= 0.")
+
+
+def best_worst_pairs(rewards: Tensor, group_ids: Tensor, weights: Tensor) -> tuple[Tensor, Tensor]:
+    """Per prompt group, the best sample (→ D+) and the worst (→ D−) among samples with weight > 0.
+
+    Ties break toward the lower index (deterministic). Groups with fewer than two live samples or with all rewards
+    equal carry no preference and give no pair.
+
+    Args:
+        rewards: float ``[B]``; group_ids: int64 ``[B]``; weights: float ``[B]`` (``batch.effective_weights``).
+
+    Returns:
+        ``(winners, losers)``: int64 ``[P]`` sample indices, one pair per group, in group order.
+    """
+    winners, losers = [], []
+    for group in torch.unique(group_ids):
+        members = torch.nonzero((group_ids == group) & (weights > 0)).flatten()
+        if members.numel() < 2:
+            continue
+        r = rewards[members]
+        best, worst = int(torch.argmax(r)), int(torch.argmin(r))  # first occurrence on ties
+        if r[best] > r[worst]:
+            winners.append(int(members[best]))
+            losers.append(int(members[worst]))
+    return torch.tensor(winners, dtype=torch.long), torch.tensor(losers, dtype=torch.long)
+
+
+def median_split(rewards: Tensor, weights: Tensor) -> tuple[Tensor, Tensor]:
+    """D+ = samples above the median reward of the live samples (weight > 0); D− = the other live samples.
+
+    Returns:
+        ``(index [N], desirable [N])``: int64 indices of the live samples and a bool mask of D+ among them. When every
+        live reward is equal, D+ is empty.
+    """
+    index = torch.nonzero(weights > 0).flatten()
+    live = rewards[index]
+    return index, live > live.median()
+
+
+class DragonObjective(Objective):
+    """DRAGON with Diffusion-DPO (paired) or Diffusion-KTO (unpaired) surrogates (``objective.name: dragon``)."""
+
+    name = "dragon"
+    Params = DragonParams
+
+    def update(self, batch: UpdateBatch, ctx: UpdateContext) -> dict[str, float]:
+        p: DragonParams = self.params
+        if p.reference == "base" and ctx.adapter.lora is None:
+            raise ValueError("dragon reference='base' is the LoRA-disabled model, but this generator is fully "
+                             "fine-tuned; set model.lora_rank > 0 or objective.params.reference=old.")
+        weights = batch.effective_weights
+        if p.mode == "paired":
+            winners, losers = best_worst_pairs(batch.rewards, batch.group_ids, weights)
+            if winners.numel() == 0:
+                return {"pairs": 0.0}
+            return self._paired(batch, ctx, winners, losers)
+        index, desirable = median_split(batch.rewards, weights)
+        if not desirable.any():
+            return {"positives": 0.0}
+        return self._unpaired(batch, ctx, index, desirable)
+
+    def _reference_context(self, ctx: UpdateContext) -> contextlib.AbstractContextManager:
+        return ctx.adapter.lora_disabled() if self.params.reference == "base" else contextlib.nullcontext()
+
+    def _paired(self, batch: UpdateBatch, ctx: UpdateContext, winners: Tensor, losers: Tensor) -> dict[str, float]:
+        p: DragonParams = self.params
+        rollout, x0 = batch.rollout, batch.rollout.latents[:, -1]
+        with torch.no_grad(), self._reference_context(ctx):
+            ref_w = denoising_loss(ctx.adapter, x0[winners], rollout, winners.tolist(), generator=ctx.generator)
+            # The rejected sample reuses the preferred one's (t, ε): the pair must differ only in x0 (§6a Checks).
+            ref_l = denoising_loss(ctx.adapter, x0[losers], rollout, losers.tolist(), timesteps=ref_w.timesteps,
+                                   noise=ref_w.noise)
+        pair_weights = (batch.effective_weights[winners] * batch.effective_weights[losers]).to(ref_w.loss)
+        metrics = MetricMeans()
+        for _ in range(p.inner_steps):
+            order = torch.randperm(winners.numel(), generator=ctx.generator)
+            for chunk in micro_batches(order.tolist(), p.micro_batch or winners.numel()):
+                w_idx, l_idx = winners[chunk], losers[chunk]
+                t, eps = ref_w.timesteps[chunk], ref_w.noise[chunk]
+                model_w = denoising_loss(ctx.adapter, x0[w_idx], rollout, w_idx.tolist(), timesteps=t, noise=eps)
+                model_l = denoising_loss(ctx.adapter, x0[l_idx], rollout, l_idx.tolist(), timesteps=t, noise=eps)
+                per_pair, inside = diffusion_dpo_loss(model_w.loss, model_l.loss, ref_w.loss[chunk],
+                                                      ref_l.loss[chunk], p.beta)
+                loss = (per_pair * pair_weights[chunk]).mean()
+                loss.backward()
+                metrics.add(loss=loss, implicit_acc=(inside > 0).float().mean(),
+                            model_mse=torch.cat([model_w.loss, model_l.loss]).mean(),
+                            ref_mse=torch.cat([ref_w.loss[chunk], ref_l.loss[chunk]]).mean(),
+                            model_minus_ref_diff=-2 * inside.detach().mean() / p.beta,
+                            grad_norm=ctx.optimizer_step())
+        out = metrics.means()
+        out.update(pairs=float(winners.numel()), positive_reward=float(batch.rewards[winners].mean()),
+                   negative_reward=float(batch.rewards[losers].mean()))
+        return out
+
+    def _unpaired(self, batch: UpdateBatch, ctx: UpdateContext, index: Tensor, desirable: Tensor) -> dict[str, float]:
+        p: DragonParams = self.params
+        rollout, x0 = batch.rollout, batch.rollout.latents[:, -1]
+        with torch.no_grad(), self._reference_context(ctx):
+            ref = denoising_loss(ctx.adapter, x0[index], rollout, index.tolist(), generator=ctx.generator)
+        sample_weights = batch.effective_weights[index].to(ref.loss)
+        metrics = MetricMeans()
+        for _ in range(p.inner_steps):
+            order = torch.randperm(index.numel(), generator=ctx.generator)
+            for chunk in micro_batches(order.tolist(), p.micro_batch or index.numel()):
+                rows = index[chunk]
+                model = denoising_loss(ctx.adapter, x0[rows], rollout, rows.tolist(), timesteps=ref.timesteps[chunk],
+                                       noise=ref.noise[chunk])
+                per_sample, z0 = diffusion_kto_loss(model.loss, ref.loss[chunk], desirable[chunk], p.beta,
+                                                    lambda_desirable=p.lambda_desirable,
+                                                    lambda_undesirable=p.lambda_undesirable)
+                loss = (per_sample * sample_weights[chunk]).mean()
+                loss.backward()
+                g = (ref.loss[chunk] - model.loss).detach()
+                d = desirable[chunk]
+                metrics.add(loss=loss, z0=z0, model_mse=model.loss.mean(), ref_mse=ref.loss[chunk].mean(),
+                            grad_norm=ctx.optimizer_step())
+                if d.any():
+                    metrics.add(g_positive=g[d].mean())
+                if (~d).any():
+                    metrics.add(g_negative=g[~d].mean())
+        out = metrics.means()
+        out.update(positives=float(desirable.sum()), negatives=float((~desirable).sum()))
+        return out
