@@ -1,0 +1,79 @@
+"""RAFT: reward-ranked fine-tuning (METHODS.md §10a; arXiv 2304.06767).
+
+Sample a group per prompt, keep the best ``top_k`` by reward, and fine-tune on the kept samples with the model's
+ordinary denoising loss — the adapter's ``denoising_loss`` on the kept rollouts' final latents
+(``rollout.latents[:, -1]``) and their own prompt condition. Generation needs no gradients and the step needs no
+log-probs, so any scorer and any sampler work. This equals flow_grpo's ``'sft'`` advantage type (the indicator of the
+group argmax) when ``top_k = 1``. Ties break toward the lower sample index, so a rerun keeps the same samples.
+Top-k per prompt rather than a global top fraction of the batch is our reading ([unverified], §10a Confidence).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from visalign.objectives.base import MetricMeans, Objective, UpdateBatch, UpdateContext, micro_batches
+from visalign.objectives.common import denoising_loss
+
+
+@dataclass
+class RaftParams:
+    top_k: int = field(default=1, metadata={"help": "Samples kept per prompt group (the best by reward); "
+                                                    "acceptance rate = top_k / images_per_prompt."})
+    inner_steps: int = field(default=1, metadata={"help": "SFT passes over the kept samples per rollout (fresh "
+                                                          "(t, ε) draws each pass)."})
+    micro_batch: int = field(default=0, metadata={"help": "Kept samples per optimizer step; 0 = all in one step."})
+
+    def __post_init__(self) -> None:
+        if self.top_k < 1 or self.inner_steps < 1 or self.micro_batch < 0:
+            raise ValueError("raft needs top_k >= 1, inner_steps >= 1 and micro_batch >= 0.")
+
+
+def top_k_per_group(rewards: Tensor, group_ids: Tensor, weights: Tensor, k: int) -> Tensor:
+    """Indices of the ``k`` best samples of each prompt group, among samples with weight > 0.
+
+    Ties break toward the lower index (a stable sort), so the selection is deterministic.
+
+    Args:
+        rewards: float ``[B]``; group_ids: int64 ``[B]``; weights: float ``[B]`` (``batch.effective_weights``).
+        k: samples kept per group (fewer when a group has fewer live samples).
+
+    Returns:
+        int64 ``[K]`` sample indices, sorted ascending.
+    """
+    kept = []
+    for group in torch.unique(group_ids):
+        members = torch.nonzero((group_ids == group) & (weights > 0)).flatten()
+        order = torch.sort(rewards[members], descending=True, stable=True).indices
+        kept.extend(members[order[:k]].tolist())
+    return torch.tensor(sorted(kept), dtype=torch.long)
+
+
+class RaftObjective(Objective):
+    """Reward-ranked supervised fine-tuning (``objective.name: raft``)."""
+
+    name = "raft"
+    Params = RaftParams
+
+    def update(self, batch: UpdateBatch, ctx: UpdateContext) -> dict[str, float]:
+        p: RaftParams = self.params
+        weights = batch.effective_weights
+        kept = top_k_per_group(batch.rewards, batch.group_ids, weights, p.top_k)
+        if kept.numel() == 0:
+            return {"kept": 0.0}
+        rollout, x0 = batch.rollout, batch.rollout.latents[:, -1]
+        metrics = MetricMeans()
+        for _ in range(p.inner_steps):
+            order = kept[torch.randperm(kept.numel(), generator=ctx.generator)]
+            for chunk in micro_batches(order.tolist(), p.micro_batch or kept.numel()):
+                out = denoising_loss(ctx.adapter, x0[chunk], rollout, chunk, generator=ctx.generator)
+                loss = (out.loss * weights[chunk].to(out.loss)).mean()
+                loss.backward()
+                metrics.add(loss=loss, grad_norm=ctx.optimizer_step())
+        result = metrics.means()
+        result.update(kept=float(kept.numel()), kept_reward=float(batch.rewards[kept].mean()),
+                      batch_reward=float(batch.rewards[weights > 0].mean()))
+        return result
