@@ -17,17 +17,28 @@ from visalign.generators import LoraSpec, UnsupportedPipelineError, load_generat
 PROMPTS = ["a red cube", "two blue circles"]
 
 
-def stock_images(path, prompts, seeds, steps, guidance, lora_dir=None):
-    """The stock diffusers pipeline's output, ``output_type="pt"`` ([B, 3, H, W] in [0, 1])."""
+@pytest.fixture(scope="module")
+def stock(sd_path):
+    """One stock ``StableDiffusionPipeline`` for the module: loading it is a large part of each parity test's cost."""
     from diffusers import StableDiffusionPipeline
 
-    pipe = StableDiffusionPipeline.from_pretrained(path)
+    pipe = StableDiffusionPipeline.from_pretrained(sd_path)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def stock_images(pipe, prompts, seeds, steps, guidance, lora_dir=None):
+    """The stock diffusers pipeline's output, ``output_type="pt"`` ([B, 3, H, W] in [0, 1]); with ``lora_dir`` the
+    LoRA is loaded with ``load_lora_weights`` for this call and unloaded afterwards."""
     if lora_dir is not None:
         pipe.load_lora_weights(lora_dir)
-    pipe.set_progress_bar_config(disable=True)
-    generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
-    return pipe(prompts, num_inference_steps=steps, guidance_scale=guidance, generator=generators,
-                output_type="pt").images
+    try:
+        generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
+        return pipe(prompts, num_inference_steps=steps, guidance_scale=guidance, generator=generators,
+                    output_type="pt").images
+    finally:
+        if lora_dir is not None:
+            pipe.unload_lora_weights()
 
 
 @pytest.fixture(scope="module")
@@ -73,26 +84,26 @@ def test_per_sample_seed_makes_samples_independent_of_batch(sd, rollout):
     torch.testing.assert_close(alone.latents[0], rollout.latents[2], atol=1e-4, rtol=0)
 
 
-def test_eta_zero_reproduces_stock_pipeline(sd, sd_path):
-    ours = sd.rollout(PROMPTS, steps=4, guidance=5.0, eta=0.0, seed=3)
-    stock = stock_images(sd_path, PROMPTS, ours.seeds, steps=4, guidance=5.0)
-    torch.testing.assert_close(ours.media, stock, atol=1e-4, rtol=0)
+def test_eta_zero_reproduces_stock_pipeline(sd, stock):
+    ours = sd.rollout(PROMPTS, steps=3, guidance=5.0, eta=0.0, seed=3)
+    theirs = stock_images(stock, PROMPTS, ours.seeds, steps=3, guidance=5.0)
+    torch.testing.assert_close(ours.media, theirs, atol=1e-4, rtol=0)
     assert torch.isnan(ours.log_probs).all()  # η = 0 has no density; NaN, never a made-up number
 
 
-def test_no_cfg_reproduces_stock_pipeline(sd, sd_path):
-    ours = sd.rollout(PROMPTS[:1], steps=3, guidance=1.0, eta=0.0, seed=11)
+def test_no_cfg_reproduces_stock_pipeline(sd, stock):
+    ours = sd.rollout(PROMPTS[:1], steps=2, guidance=1.0, eta=0.0, seed=11)
     assert ours.condition.negative_embeds is None
-    torch.testing.assert_close(ours.media, stock_images(sd_path, PROMPTS[:1], [11], 3, 1.0), atol=1e-4, rtol=0)
+    torch.testing.assert_close(ours.media, stock_images(stock, PROMPTS[:1], [11], 2, 1.0), atol=1e-4, rtol=0)
 
 
-def train_a_few_steps(gen, steps: int = 3) -> None:
-    """Three Adam steps pushing the log-prob of one sample up and another's down (a toy policy gradient)."""
+def train_a_few_steps(gen, steps: int = 2) -> None:
+    """Adam steps pushing the log-prob of one sample up and another's down (a toy policy gradient)."""
     optimizer = torch.optim.Adam(gen.trainable_parameters(), lr=5e-2)
     advantages = torch.tensor([[1.0], [-1.0]])
     for _ in range(steps):
-        r = gen.rollout(PROMPTS, steps=3, guidance=3.0, eta=1.0, seed=0)
-        loss = -(advantages * gen.step_log_prob(r, [0, 1, 2])).mean()
+        r = gen.rollout(PROMPTS, steps=2, guidance=3.0, eta=1.0, seed=0)
+        loss = -(advantages * gen.step_log_prob(r, [0, 1])).mean()
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -116,8 +127,8 @@ def test_gradient_reaches_lora_and_nothing_else(trained_lora):
     assert names and all("lora_" in n for n in names)
     assert all(p.dtype == torch.float32 for p in params)
     gen.pipeline.unet.zero_grad(set_to_none=True)
-    r = gen.rollout(PROMPTS[:1], steps=3, guidance=3.0, eta=1.0, seed=0)
-    gen.step_log_prob(r, [0, 2]).sum().backward()
+    r = gen.rollout(PROMPTS[:1], steps=2, guidance=3.0, eta=1.0, seed=0)
+    gen.step_log_prob(r, [0, 1]).sum().backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in params)
     frozen = [p for m in gen.modules().values() for p in m.parameters() if not p.requires_grad]
     assert frozen and all(p.grad is None for p in frozen)
@@ -128,26 +139,26 @@ def test_training_changes_every_lora_parameter(trained_lora):
     assert changed and all(changed)
 
 
-def test_saved_lora_loads_into_stock_diffusers_and_matches(trained_lora, sd_path):
+def test_saved_lora_loads_into_stock_diffusers_and_matches(trained_lora, stock):
     gen, lora_dir, _ = trained_lora
     assert (lora_dir / "pytorch_lora_weights.safetensors").is_file()
-    ours = gen.rollout(PROMPTS, steps=3, guidance=3.0, eta=0.0, seed=5)
-    stock = stock_images(sd_path, PROMPTS, ours.seeds, 3, 3.0, lora_dir=lora_dir)
-    torch.testing.assert_close(ours.media, stock, atol=1e-4, rtol=0)
-    base = stock_images(sd_path, PROMPTS, ours.seeds, 3, 3.0)
-    assert (base - stock).abs().max() > 1e-3  # the LoRA does change the image, so the match above means something
+    ours = gen.rollout(PROMPTS, steps=2, guidance=3.0, eta=0.0, seed=5)
+    with_lora = stock_images(stock, PROMPTS, ours.seeds, 2, 3.0, lora_dir=lora_dir)
+    torch.testing.assert_close(ours.media, with_lora, atol=1e-4, rtol=0)
+    base = stock_images(stock, PROMPTS, ours.seeds, 2, 3.0)
+    assert (base - with_lora).abs().max() > 1e-3  # the LoRA does change the image, so the match above means something
 
 
 def test_visalign_load_reads_its_lora_back(trained_lora, sd_path, sd):
     gen, lora_dir, _ = trained_lora
     loaded = load_generator(sd_path, lora=lora_dir)
     assert loaded.lora.rank == 4 and loaded.trainable_parameters()
-    a = gen.rollout(PROMPTS, steps=3, guidance=3.0, eta=1.0, seed=2)
-    b = loaded.rollout(PROMPTS, steps=3, guidance=3.0, eta=1.0, seed=2)
+    a = gen.rollout(PROMPTS, steps=2, guidance=3.0, eta=1.0, seed=2)
+    b = loaded.rollout(PROMPTS, steps=2, guidance=3.0, eta=1.0, seed=2)
     torch.testing.assert_close(a.log_probs, b.log_probs, atol=1e-4, rtol=0)
     with loaded.lora_disabled():
-        base = loaded.rollout(PROMPTS, steps=3, guidance=3.0, eta=0.0, seed=2).media
-    torch.testing.assert_close(base, sd.rollout(PROMPTS, steps=3, guidance=3.0, eta=0.0, seed=2).media, atol=1e-5,
+        base = loaded.rollout(PROMPTS, steps=2, guidance=3.0, eta=0.0, seed=2).media
+    torch.testing.assert_close(base, sd.rollout(PROMPTS, steps=2, guidance=3.0, eta=0.0, seed=2).media, atol=1e-5,
                                rtol=0)
 
 
@@ -158,10 +169,10 @@ def test_full_finetune_saves_a_pipeline_folder(sd_path, sd, tmp_path):
     folder = gen.save(tmp_path / "full")
     assert json.loads((folder / "model_index.json").read_text())["_class_name"] == "StableDiffusionPipeline"
     reloaded = load_generator(folder)
-    a = gen.rollout(PROMPTS, steps=3, guidance=3.0, eta=0.0, seed=4).media
-    b = reloaded.rollout(PROMPTS, steps=3, guidance=3.0, eta=0.0, seed=4).media
+    a = gen.rollout(PROMPTS, steps=2, guidance=3.0, eta=0.0, seed=4).media
+    b = reloaded.rollout(PROMPTS, steps=2, guidance=3.0, eta=0.0, seed=4).media
     torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
-    assert (a - sd.rollout(PROMPTS, steps=3, guidance=3.0, eta=0.0, seed=4).media).abs().max() > 0
+    assert (a - sd.rollout(PROMPTS, steps=2, guidance=3.0, eta=0.0, seed=4).media).abs().max() > 0
 
 
 def test_gradient_checkpointing_gives_the_same_gradient(trained_lora):

@@ -564,6 +564,11 @@ class GeneratorAdapter:
         from peft import LoraConfig
 
         spec = spec or LoraSpec()
+        if not hasattr(self.denoiser, "add_adapter"):
+            raise NotImplementedError(
+                f"{type(self.denoiser).__name__} (the {self.family} denoiser) has no peft adapter support in this "
+                "diffusers, so LoRA can be neither attached here nor loaded by the stock pipeline's "
+                "load_lora_weights; fine-tune it fully with train_full() (saved as a pipeline folder) instead.")
         if self.lora is not None or self.full_finetune:
             raise RuntimeError("This generator already has trainable weights (LoRA or full); load a fresh one.")
         config = LoraConfig(r=spec.rank, lora_alpha=spec.alpha, target_modules=list(spec.target_modules),

@@ -29,7 +29,7 @@ class VideoDDIMUNetAdapter(DDIMUNetAdapter):
         return Condition(embeds, negative if cfg else None)
 
     def latent_shape(self, height: int, width: int, num_frames: int | None) -> tuple[int, ...]:
-        frames = num_frames or self.default_num_frames
+        frames = self.default_num_frames if num_frames is None else num_frames
         if frames < 1:
             raise ValueError(f"num_frames must be ≥ 1; got {num_frames}.")
         f = self.vae_scale_factor()
