@@ -8,9 +8,11 @@ Every online objective (DDPO/GRPO, PRDP, DRAGON, ...) needs the same two things 
 2. ``step_log_prob``: recompute any step's log-probability under the current parameters, with gradients.
 
 A family adapter (``unet.py``, ``unet_video.py``, the flow-matching and CogVideoX files) implements a handful of
-hooks — ``encode_condition``, ``make_schedule``, ``latent_shape``, ``transition``, ``decode`` — and inherits the
-sampling loop, per-sample seeding, classifier-free guidance, training-step subsets, LoRA via peft, gradient
-checkpointing, attention back-end choice and diffusers-compatible save/load from this file.
+hooks — ``encode_condition``, ``make_schedule``, ``latent_shape``, ``denoise``, ``transition``, ``decode``, and for
+the pre-training loss ``training_timesteps``/``check_training_timesteps``/``noised_and_target`` — and inherits the
+sampling loop, per-sample seeding, classifier-free guidance, training-step subsets, ``denoising_loss`` (Diffusion-DPO,
+DRAGON, RAFT), LoRA via peft, gradient checkpointing, attention back-end choice and diffusers-compatible save/load
+from this file.
 
 Log-prob convention (METHODS.md, "Log-prob reduction convention"): ``log_probs`` holds ``logp_mean`` (the per-element
 Gaussian log-density averaged over all non-batch dims, as ddpo-pytorch and flow_grpo report it) and

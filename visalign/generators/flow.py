@@ -45,8 +45,9 @@ class FlowMatchingAdapter(GeneratorAdapter):
     for video), not the transformer's packed token layout: packing is a permutation, so the element-wise SDE step is
     unchanged, and the initial noise is drawn in exactly the shape the stock pipeline draws it.
 
-    Subclasses implement ``encode_condition``, ``set_timesteps``, ``velocity``, ``latent_shape``, ``decode`` and
-    ``default_resolution``.
+    Subclasses implement ``encode_condition``, ``denoise`` (the guided velocity), ``sequence_length`` (for dynamic
+    shifting), ``latent_shape``, ``decode`` and ``default_resolution``, and override ``inference_sigmas`` when the
+    stock pipeline passes its own sigmas.
     """
 
     denoiser_name = "transformer"
