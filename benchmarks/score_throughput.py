@@ -39,7 +39,14 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=64, help="Image side in pixels.")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=0,
+                        help="torch intra-op threads (0: torch's default); 1 also makes the Rust tokenizers serial.")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+        if args.threads == 1:
+            os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    load_before = os.getloadavg()[0]
 
     from tests.tiny import build_tiny_scorer
     from visalign.scorers import ScoreBatch
@@ -70,7 +77,7 @@ def main() -> None:
             rows.append((name, args.images / t_batch, args.images / t_loop, t_loop / t_batch))
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads; {args.images} images {args.size}px, batch {args.batch_size}, "
-          f"median of {args.repeats}")
+          f"median of {args.repeats}; 1-min load average {load_before:.1f} before, {os.getloadavg()[0]:.1f} after")
     print("| scorer (tiny) | batched img/s | one-at-a-time img/s | speed-up |\n|---|---|---|---|")
     for name, fast, slow, ratio in rows:
         print(f"| {name} | {fast:.0f} | {slow:.0f} | {ratio:.1f}× |")

@@ -67,6 +67,18 @@ def test_clipscore_equals_hand_computation_open_clip(clipscore, open_clip_model)
     torch.testing.assert_close(out.reward, cos.clamp(0, 1), atol=1e-5, rtol=0)  # affine [0, 2.5] undoes w
 
 
+def test_open_clip_token_cache_equals_the_tokenizer(clipscore, open_clip_model):
+    _, tokenizer, _ = open_clip_model
+    clipscore.ensure_loaded()
+    backend = clipscore._backend
+    first = ["a red circle", "two blue squares", "a red circle"]
+    assert torch.equal(backend.tokens(first), tokenizer(first))
+    # Cached and new prompts mixed, in a different order: each row must still be its own prompt's ids.
+    second = ["a green triangle", "a red circle", "two blue squares above it"]
+    assert torch.equal(backend.tokens(second), tokenizer(second))
+    assert not torch.equal(backend.tokens(second)[0], backend.tokens(second)[1])
+
+
 def test_clipscore_clamps_negative_cosine_to_zero(open_clip_dir, tmp_path):
     import shutil
 

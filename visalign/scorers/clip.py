@@ -141,6 +141,8 @@ def _center_crop(x: Tensor, size: tuple[int, int], floor: bool) -> Tensor:
 
 # ---------------------------------------------------------------- backends
 
+_TOKEN_CACHE_SIZE = 65536  # distinct prompts remembered per open_clip backend (77 ints each: ~40 MB at most)
+
 
 class OpenClipBackend:
     """An open_clip model, its tokenizer and its preprocessing, loaded from safetensors only."""
@@ -198,7 +200,22 @@ class OpenClipBackend:
         return self.model.encode_image(pixels)
 
     def encode_text(self, texts: list[str]) -> Tensor:
-        return self.model.encode_text(self.tokenizer(texts).to(self.device))
+        return self.model.encode_text(self.tokens(texts).to(self.device))
+
+    def tokens(self, texts: list[str]) -> Tensor:
+        """open_clip token ids ``[N, context]`` long, each distinct text tokenised once and remembered.
+
+        open_clip's tokenizer is pure Python per text (ftfy, regex, BPE: ~0.3 ms a prompt, more than the tiny
+        model's whole per-image cost in a batch), and a reward scores the same prompts over and over: every image of
+        a prompt group, at every training step. The cache is bounded so an endless prompt stream cannot grow it.
+        """
+        cache = self.__dict__.setdefault("_token_cache", {})
+        missing = list(dict.fromkeys(t for t in texts if t not in cache))
+        if missing:
+            if len(cache) + len(missing) > _TOKEN_CACHE_SIZE:
+                cache.clear()
+            cache.update(zip(missing, self.tokenizer(missing), strict=True))
+        return torch.stack([cache[t] for t in texts])
 
     def logit_scale(self) -> Tensor:
         return self.model.logit_scale.exp().float().reshape(())
