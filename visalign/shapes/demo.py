@@ -59,6 +59,8 @@ class DemoConfig:
     output_dir: str = field(default="runs/demo", metadata={"help": "Run folder; report.html is written here."})
 
     def __post_init__(self) -> None:
+        if self.steps < 2:
+            raise ValueError(f"steps ({self.steps}) must be >= 2: the last DDIM step is deterministic, never trained.")
         if self.iterations < 1 or self.eval_heldin < 0 or self.eval_heldout < 0:
             raise ValueError("iterations must be >= 1 and eval_heldin / eval_heldout >= 0.")
         if self.eval_heldin + self.eval_heldout == 0:
@@ -114,7 +116,10 @@ def train_config(config: DemoConfig, align_file: Path, run_dir: Path) -> Any:
                   "lora_alpha": float(max(config.lora_rank, 1))},
         "sample": {"prompts": str(align_file), "prompts_per_step": config.prompts_per_step,
                    "images_per_prompt": config.images_per_prompt, "steps": config.steps, "guidance": config.guidance,
-                   "eta": 1.0, "train_steps_per_update": config.train_steps_per_update},
+                   "eta": 1.0, "train_steps_per_update": config.train_steps_per_update,
+                   # The last DDIM step lands on alpha = 1 (set_alpha_to_one): its std is 0 and its log-prob NaN,
+                   # which turns the LoRA weights NaN after one update; train on the stochastic steps only.
+                   "train_fraction": (config.steps - 1) / config.steps},
         "reward": {"terms": terms},
         "objective": {"name": config.objective, "params": dict(config.objective_params)},
         "optim": {"lr": config.lr},
