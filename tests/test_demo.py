@@ -89,3 +89,28 @@ def test_report_renders_in_a_headless_browser(demo_run):
     # cover well under 0.3% of it. Broken <img> links would show only small grey icons.
     saturation = pixels.max(axis=2) - pixels.min(axis=2)
     assert (saturation > 100).mean() > 0.003, "the before/after images were not drawn"
+
+
+def _fake_result():
+    from types import SimpleNamespace
+
+    def evaluation(all_, reward, position, proxy):
+        oracle = {"n": 10, "all": all_, "reward": reward, "kinds": {"relation": all_},
+                  "attributes": {"colour": 1.0, "shape": 0.9, "count": 1.0, "position": position}}
+        return SimpleNamespace(oracle={"heldout": oracle}, proxy={"heldout": proxy})
+
+    return SimpleNamespace(prompts=SimpleNamespace(eval_sets={"heldout": ["a red circle left of a blue square"] * 10}),
+                           before=evaluation(0.4, 0.85, 0.5, 0.60), after=evaluation(0.5, 0.875, 0.6, 0.70),
+                           config={"reward": "shapes-clip"})
+
+
+def test_report_table_and_gap_show_signed_point_changes():
+    from visalign.shapes.demo_report import attribute_table, gap_paragraph
+
+    table = attribute_table(_fake_result())
+    assert "<td>oracle: all attributes</td><td>40.0</td><td>50.0</td><td>+10.0</td>" in table
+    assert "<td>oracle: position</td><td>50.0</td><td>60.0</td><td>+10.0</td>" in table
+    assert "<td>proxy: shapes-clip</td><td>60.0</td><td>70.0</td><td>+10.0</td>" in table
+    gap = gap_paragraph(_fake_result())
+    # proxy +10 pts, oracle reward +2.5 pts → the proxy outran the gold metric by 7.5 pts.
+    assert "proxy reward +10.0 pts, oracle reward +2.5 pts, gap (proxy − oracle) +7.5 pts" in gap
