@@ -21,3 +21,15 @@ def tiny_sd(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from tests.generators.conftest import build_sd
 
     return build_sd(tmp_path_factory.mktemp("train-tiny-sd") / "sd")
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One torch thread inside the training tests: on the shared, loaded CPU idle OpenMP workers spin and burn CPU
+    time without making the tiny models faster."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -27,7 +27,7 @@ def cli_run(tiny_sd, tmp_path_factory):
     overrides = [o for o in FAST if not o.startswith("run.")] + [
         f"model.model={tiny_sd}", f"run.output_dir={out}", "run.iterations=3", "run.checkpoint_every=2",
         "eval.every=2", "eval.max_prompts=2", "objective.params.beta=0.01", "optim.lr=1e-2"]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     done = subprocess.run([sys.executable, "-m", "visalign", "train", str(TINY_RECIPE), *overrides], env=env,
                           capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -139,19 +139,19 @@ def test_nan_for_some_samples_drops_them_and_training_continues(tmp_path, tiny_s
     prompts.write_text('{"prompt": "a red circle", "skip_odd": true}\n'
                        '{"prompt": "a blue square", "skip_odd": false}\n')
     out = tmp_path / "run"
-    config = load_train_config(TINY_RECIPE, [*FAST, "sample.images_per_prompt=4", "sample.prompts_per_step=2",
+    config = load_train_config(TINY_RECIPE, [*FAST, "sample.prompts_per_step=2",
                                              f"sample.prompts={prompts}", f"model.model={tiny_sd}",
                                              f"run.output_dir={out}", "run.iterations=2", "eval.prompts=null",
                                              "reward.terms=['tests.train.scorers:BrightnessOddNan']"])
     summary = Trainer(config).run()
     rows = read_metrics(out)
     assert [r["step"] for r in rows] == [1, 2]
-    # Samples 1 and 3 of the red-circle group abstain: dropped from the update and counted; the other 6 of 8
-    # samples carry it.
-    assert [r["nan_dropped"] for r in rows] == [2.0, 2.0]
-    assert [r["active_fraction"] for r in rows] == [0.75, 0.75]
+    # The second red-circle sample abstains: dropped and counted. Its group keeps one sample (no comparison, so no
+    # advantage) and the blue-square pair carries the update: half the batch.
+    assert [r["nan_dropped"] for r in rows] == [1.0, 1.0]
+    assert [r["active_fraction"] for r in rows] == [0.5, 0.5]
     assert all(r["grad_norm"] > 0 for r in rows)
-    assert summary["nan_dropped"] == 4
+    assert summary["nan_dropped"] == 2
     assert (out / "final" / "pytorch_lora_weights.safetensors").is_file()
 
 
@@ -161,3 +161,13 @@ def test_nan_for_every_sample_stops_with_a_clear_error(tmp_path, capsys, tiny_sd
     assert rc == 1
     assert "Every sample's reward is NaN at iteration 0" in err and "alwaysnan" in err
     assert not (Path(tmp_path / "run") / "final").exists()
+
+
+def test_resume_with_another_lora_rank_is_refused(cli_run, capsys):
+    out, overrides, _ = cli_run
+    rc, err = _train(capsys, *[o for o in overrides if not o.startswith("model.lora_rank")], "model.lora_rank=2",
+                     "run.progress=false")
+    assert rc == 1
+    assert f"Checkpoint {out / 'checkpoints' / 'step-000003'} does not fit this model" in err
+    assert "--no-resume" in err
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-000002", "step-000003"]

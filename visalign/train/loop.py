@@ -268,10 +268,13 @@ class Trainer:
         if path is None:
             return False
         params, optimizer, extra, state = load_checkpoint(path)
-        missing = set(self.params) - set(params)
-        if missing:
-            raise TrainingError(f"Checkpoint {path} lacks {len(missing)} trainable tensors (e.g. {sorted(missing)[:2]}"
-                                "); it was written by a different model or LoRA configuration. Start over with "
+        missing = sorted(set(self.params) - set(params))
+        reshaped = sorted(n for n in set(self.params) & set(params) if params[n].shape != self.params[n].shape)
+        if missing or reshaped:
+            example = (f"missing {missing[:2]}" if missing else
+                       f"{reshaped[0]} has shape {tuple(params[reshaped[0]].shape)}")
+            raise TrainingError(f"Checkpoint {path} does not fit this model ({example}); it was written by a "
+                                "different model or LoRA configuration (e.g. model.lora_rank). Start over with "
                                 "--no-resume or pick another run.output_dir.")
         with torch.no_grad():
             for name, p in self.params.items():
