@@ -77,6 +77,10 @@ def test_open_clip_token_cache_equals_the_tokenizer(clipscore, open_clip_model):
     second = ["a green triangle", "a red circle", "two blue squares above it"]
     assert torch.equal(backend.tokens(second), tokenizer(second))
     assert not torch.equal(backend.tokens(second)[0], backend.tokens(second)[1])
+    # Repeated prompts are encoded once and fanned back out in order.
+    texts = ["a red circle", "two blue squares", "a red circle", "x"]
+    torch.testing.assert_close(clipscore.embed_texts(texts), torch.cat([clipscore.embed_texts([t]) for t in texts]),
+                               atol=1e-6, rtol=0)
 
 
 def test_clipscore_clamps_negative_cosine_to_zero(open_clip_dir, tmp_path):

@@ -433,7 +433,13 @@ class ClipScorer(Scorer):
         if isinstance(texts, str):
             raise TypeError("embed_texts wants a list of strings, not a single string.")
         self.ensure_loaded()
-        return F.normalize(self._backend.encode_text(list(texts)).float(), dim=-1)
+        # Each distinct text is encoded once: a policy-gradient batch holds every prompt images_per_prompt times,
+        # and a text's embedding does not depend on the other texts of its batch.
+        position = {text: i for i, text in enumerate(dict.fromkeys(texts))}
+        unique = F.normalize(self._backend.encode_text(list(position)).float(), dim=-1)
+        if len(position) == len(texts):
+            return unique
+        return unique[torch.tensor([position[t] for t in texts], device=unique.device)]
 
     # -- scoring --
     def score_raw(self, batch: ScoreBatch) -> RawScore:
