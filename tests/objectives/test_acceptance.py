@@ -7,8 +7,10 @@ no CFG, full fine-tuning, run by ``visalign.train.loop.Trainer`` from ``load_tra
 Statistic: mean reward of the last third of 30 iterations minus the first third, minus the same statistic for the
 *untrained* model on identical prompts and noise (the loop derives both from (seed, iteration)), which removes the
 drift that the prompt/noise sequence alone produces. Measured (``/tmp`` script driving ``Trainer.one_iteration``, one
-torch thread): untrained drift +0.0015 / +0.0007 for seeds 0 / 1 (``optim.lr=0``); trained, minus that drift:
-grpo +0.0027 / +0.0039, prdp +0.0057 / +0.0027. The margin 0.0015 is ~3× the seed-to-seed spread of the drift.
+torch thread): untrained drift +0.0015 / +0.0007 / −0.0004 for seeds 0 / 1 / 2 (``optim.lr=0``, std ~0.001);
+trained, minus that drift: grpo +0.0027 / +0.0039, prdp +0.0057 / +0.0027 (seeds 0 / 1). The margin 0.0015 sits
+below every measured corrected gain; it is ~1.5× (not 3×) the drift's seed-to-seed std, so treat it as a smoke-level
+acceptance: the run is deterministic (seed 0), and lr=0 gives exactly 0.
 Not asserted (no robust gain measured yet): raft (top_k 1: −0.0007; inner_steps 4 at lr 3e-3: +0.0009) and dragon
 (full fine-tune, reference=old: −0.0002 paired, −0.017 unpaired — without a fixed reference the surrogate keeps
 pushing ℓ up on D−; LoRA r8 lr 1e-2 reference=base: −0.0002 paired, +0.0005 unpaired).
