@@ -39,6 +39,8 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=64, help="Image side in pixels.")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--distinct-prompts", action="store_true",
+                        help="Give every image its own prompt (default: one prompt for all, as in a prompt group).")
     parser.add_argument("--threads", type=int, default=0,
                         help="torch intra-op threads (0: torch's default); 1 also makes the Rust tokenizers serial.")
     args = parser.parse_args()
@@ -53,7 +55,8 @@ def main() -> None:
 
     torch.manual_seed(0)
     media = torch.rand(args.images, 3, args.size, args.size)
-    prompts = ["a red circle to the left of a blue square"] * args.images
+    prompts = [f"{i if args.distinct_prompts else 'a'} red circle to the left of a blue square"
+               for i in range(args.images)]
     references = torch.rand(args.images, 3, args.size, args.size)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -77,7 +80,8 @@ def main() -> None:
             rows.append((name, args.images / t_batch, args.images / t_loop, t_loop / t_batch))
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads; {args.images} images {args.size}px, batch {args.batch_size}, "
-          f"median of {args.repeats}; 1-min load average {load_before:.1f} before, {os.getloadavg()[0]:.1f} after")
+          f"median of {args.repeats}; {'distinct prompts' if args.distinct_prompts else 'one prompt'}; "
+          f"1-min load average {load_before:.1f} before, {os.getloadavg()[0]:.1f} after")
     print("| scorer (tiny) | batched img/s | one-at-a-time img/s | speed-up |\n|---|---|---|---|")
     for name, fast, slow, ratio in rows:
         print(f"| {name} | {fast:.0f} | {slow:.0f} | {ratio:.1f}× |")
