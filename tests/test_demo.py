@@ -49,7 +49,7 @@ def demo_run(tmp_path_factory):
     from visalign.shapes.demo import run_demo
 
     out = tmp_path_factory.mktemp("demo")
-    config = DemoConfig(iterations=2, prompts_per_step=2, images_per_prompt=2, steps=4, eval_steps=6,
+    config = DemoConfig(iterations=2, prompts_per_step=2, images_per_prompt=2, steps=3, eval_steps=4,
                         eval_heldin=4, eval_heldout=4, grid_prompts=3, output_dir=str(out))
     return out, run_demo(config, log=lambda _: None)
 
