@@ -363,8 +363,8 @@ def train_denoiser(state: DenoiserState, vae: Any, tokenizer: Any, scaling_facto
 def save_pipeline(folder: str | Path, vae: Any, unet: Any, text_encoder: Any, tokenizer: Any, *, fp16: bool) -> Path:
     """Write a stock ``StableDiffusionPipeline`` folder (safetensors; DDIM scheduler; no safety checker).
 
-    With ``fp16`` the weights are stored in half precision (copies; the caller's modules are untouched). Load
-    with ``DiffusionPipeline.from_pretrained(folder, torch_dtype=torch.float32)`` for CPU inference.
+    With ``fp16`` the UNet and VAE are stored in half precision (copies; the caller's modules are untouched) and
+    the text encoder in fp32, so a plain ``DiffusionPipeline.from_pretrained(folder)`` gives an all-fp32 pipeline.
     """
     import copy
     import shutil
@@ -375,7 +375,9 @@ def save_pipeline(folder: str | Path, vae: Any, unet: Any, text_encoder: Any, to
     scheduler = DDIMScheduler.from_config(build_train_scheduler().config)
     modules = [copy.deepcopy(m) for m in (vae, unet, text_encoder)]
     if fp16:
-        modules = [m.to(torch.float16) for m in modules]
+        # Only the diffusers models: their from_pretrained upcasts to fp32 by default, whereas transformers 5
+        # loads a text encoder in its stored dtype, and a half text encoder feeding a float UNet fails on CPU.
+        modules = [m.to(torch.float16) for m in modules[:2]] + modules[2:]
     pipe = StableDiffusionPipeline(vae=modules[0], unet=modules[1], text_encoder=modules[2], tokenizer=tokenizer,
                                    scheduler=scheduler, safety_checker=None, feature_extractor=None,
                                    requires_safety_checker=False)

@@ -159,9 +159,9 @@ def save_t2v_pipeline(folder: Path, image_dir: Path, unet_motion: Any, text_enco
     unet_motion.save_motion_modules(str(adapter_dir), safe_serialization=True)
     adapter = MotionAdapter.from_pretrained(str(adapter_dir))
     shutil.rmtree(adapter_dir, ignore_errors=True)
-    text = copy.deepcopy(text_encoder)
+    text = copy.deepcopy(text_encoder)  # fp32 on disk: transformers loads it in its stored dtype (see build_t2i)
     if fp16:
-        adapter, text = adapter.to(torch.float16), text.to(torch.float16)
+        adapter = adapter.to(torch.float16)
     image_scheduler = DDIMScheduler.from_pretrained(str(image_dir / "scheduler"))
     pipe = AnimateDiffPipeline(vae=AutoencoderKL.from_pretrained(str(image_dir / "vae")), text_encoder=text,
                                tokenizer=tokenizer,
