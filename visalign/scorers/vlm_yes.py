@@ -300,7 +300,9 @@ class VlmYesScorer(Scorer):
         the pixels replaced by the tensor path when gradients must reach them.
         """
         flat = [im for ims in images for im in ims]
-        if self.fast_inputs and self.family.token_counts is not None:
+        # Qwen2.5-VL video positions need the processor's second_per_grid_ts and mm_token_type_ids.
+        upstream_video = kind == "video" and self.model.config.model_type != "qwen2_vl"
+        if self.fast_inputs and self.family.token_counts is not None and not upstream_video:
             key = (kind, len(images[0]), tuple(flat[0].shape), self.processor.tokenizer.padding_side)
             if key not in self._fast_checked:
                 self._fast_checked[key] = self._fast_matches_processor(texts[:1], images[:1], kind)
