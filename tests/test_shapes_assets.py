@@ -35,7 +35,7 @@ _SAMPLE_SCRIPT = textwrap.dedent("""
     folder, prompts_file, out, frames = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
     torch.set_num_threads(1)
     prompts = [line.strip() for line in open(prompts_file) if line.strip()]
-    pipe = DiffusionPipeline.from_pretrained(folder, torch_dtype=torch.float32)
+    pipe = DiffusionPipeline.from_pretrained(folder)  # plain load: the folder must give an fp32 pipeline
     pipe.set_progress_bar_config(disable=True)
     kwargs = {"num_frames": frames} if frames else {}
     gens = [torch.Generator().manual_seed(1234 + i) for i in range(len(prompts))]
