@@ -29,9 +29,8 @@ EVAL_IMAGES = 120
 # card id → {split: minimum hard-negative accuracy on build_eval_set(split, EVAL_IMAGES)}.
 FLOORS = {
     "shapes-clip": {"train": 0.825, "heldout": 0.585},  # measured 0.845 / 0.605
-    # The shipped VLM is at chance (0.499 / 0.496; see assets/shapes/README.md): this floor guards the load and
-    # processing path only (a constant or image-blind scorer ties every pair, and ties count as wrong).
-    "shapes-vlm": {"train": 0.47, "heldout": 0.47},
+    # The shipped VLM reads colour (83%) but little else yet (assets/shapes/README.md); measured 0.570 / 0.555.
+    "shapes-vlm": {"train": 0.55, "heldout": 0.535},
 }
 
 
