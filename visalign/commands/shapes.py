@@ -23,7 +23,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="Build only this asset (repeatable); default: all of " + ", ".join(ASSETS) + ".")
     b.add_argument("--out", default="assets/shapes", help="Folder holding one sub-folder per asset.")
     b.add_argument("--minutes", type=float, default=None,
-                   help="Wall-clock cap on each denoiser's training, minutes (default: the recipe's: 36 t2i, 8 t2v).")
+                   help="Wall-clock cap on each denoiser's training, minutes (default: the recipe's: 45 t2i, 8 t2v).")
     b.add_argument("--seed", type=int, default=0, help="Seed of every random draw of the build.")
     b.add_argument("--resume", action="store_true", help="Continue from the checkpoints in <out>/<asset>.work.")
     b.add_argument("--no-eval", action="store_true", help="Skip the oracle evaluation of the saved folders.")

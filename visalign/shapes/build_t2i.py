@@ -64,7 +64,7 @@ class T2IBuildConfig:
         "help": "UNet block_out_channels at the 8x8, 4x4 and 2x2 latent levels."})
     text_width: int = field(default=128, metadata={"help": "Text encoder hidden size (= UNet cross_attention_dim)."})
     unet_steps: int = field(default=100_000, metadata={"help": "UNet + text encoder steps (capped by unet_minutes)."})
-    unet_minutes: float = field(default=25.0, metadata={"help": "Wall-clock cap on UNet training, minutes."})
+    unet_minutes: float = field(default=45.0, metadata={"help": "Wall-clock cap on UNet training, minutes."})
     batch_size: int = field(default=32, metadata={"help": "Captioned images per UNet step."})
     lr: float = field(default=1.5e-3, metadata={
         "help": "Peak AdamW learning rate of UNet and text encoder (cosine-decayed to 10% over the budget)."})
@@ -75,6 +75,8 @@ class T2IBuildConfig:
     caption_dropout: float = field(default=0.1, metadata={"help": "Share of captions replaced by '' (for CFG)."})
     checkpoint_minutes: float = field(default=5.0, metadata={"help": "Save training state every this many minutes."})
     fp16: bool = field(default=True, metadata={"help": "Store the pipeline's weights in fp16 (halves the size)."})
+    eval_prompts: int = field(default=192, metadata={
+        "help": "Prompts per evaluation set (held-in, held-out compositions; at most 192 each)."})
 
     def __post_init__(self) -> None:
         if len(self.unet_channels) != 3:
@@ -528,7 +530,8 @@ def build_t2i(config: T2IBuildConfig, *, evaluate: bool = True, prompts_dir: str
         from visalign.shapes.evaluate import evaluate_folder
 
         eval_start = time.monotonic()
-        metrics["eval"] = evaluate_folder(out, eval_prompt_sets(prompts_dir))
+        sets = {name: prompts[:config.eval_prompts] for name, prompts in eval_prompt_sets(prompts_dir).items()}
+        metrics["eval"] = evaluate_folder(out, sets)
         metrics["eval_seconds"] = round(time.monotonic() - eval_start, 1)
         log({"stage": "eval", **metrics["eval"]})
     (out / "build.json").write_text(json.dumps(metrics, indent=1))
