@@ -122,7 +122,14 @@ def build_text_encoder(tokenizer_dir: Path, width: int) -> Any:
     """A random-init causal ``CLIPTextModel`` (3 layers, 4 heads) over the word-level tokenizer's vocabulary."""
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    ids = tokenizer_summary(tokenizer_dir)
+    if (Path(tokenizer_dir) / "vocab.json").exists():
+        ids = tokenizer_summary(tokenizer_dir)
+    else:  # a pipeline's tokenizer folder as transformers 5 saves it (tokenizer.json only)
+        from transformers import CLIPTokenizer
+
+        tok = CLIPTokenizer.from_pretrained(str(tokenizer_dir))
+        ids = {"vocab_size": len(tok), "bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id,
+               "pad_token_id": tok.pad_token_id}
     config = CLIPTextConfig(vocab_size=ids["vocab_size"], hidden_size=width, intermediate_size=4 * width,
                             num_hidden_layers=3, num_attention_heads=4, max_position_embeddings=16,
                             bos_token_id=ids["bos_token_id"], eos_token_id=ids["eos_token_id"],
