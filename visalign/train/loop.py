@@ -147,9 +147,18 @@ class Trainer:
                             group_ids=groups, weights=weights, keep=keep)
         return Scored(batch, reward, int((~finite).sum()))
 
-    def train_steps(self, num_steps: int) -> list[int]:
+    def train_steps(self, rollout: Any) -> list[int]:
+        """Rollout steps to train on: the configured fraction, without deterministic steps, optionally subsampled.
+
+        A step whose log-prob is not finite for some sample has no density (zero noise: DDIM's last step lands on
+        ᾱ = 1, CPS's last step, an ODE step outside an SDE window); training on it would turn the weights into NaN.
+        """
         s = self.config.sample
-        steps = select_train_steps(num_steps, fraction=s.train_fraction)
+        finite = torch.isfinite(rollout.log_probs).all(dim=0)
+        steps = [j for j in select_train_steps(rollout.num_steps, fraction=s.train_fraction) if bool(finite[j])]
+        if not steps:
+            raise TrainingError(f"None of the trained steps has a finite log-prob (sample.eta = {s.eta}); rollouts "
+                                "need noise (eta > 0) on the trained steps.")
         if s.train_steps_per_update and s.train_steps_per_update < len(steps):
             g = torch.Generator().manual_seed(self._seed(2))
             pick = torch.randperm(len(steps), generator=g)[: s.train_steps_per_update]
@@ -159,7 +168,7 @@ class Trainer:
     def update(self, scored: Scored) -> dict[str, float]:
         """The objective's gradient steps on one scored rollout; returns its metrics (loss, clipfrac, grad_norm...)."""
         self.adapter.denoiser.train(False)  # dropout stays off: it would break the ratio-1 invariant
-        ctx = UpdateContext(self.adapter, self.train_steps(scored.batch.rollout.num_steps), self._optimizer_step,
+        ctx = UpdateContext(self.adapter, self.train_steps(scored.batch.rollout), self._optimizer_step,
                             torch.Generator().manual_seed(self._seed(3)))
         return self.objective.update(scored.batch, ctx)
 

@@ -1,0 +1,39 @@
+"""Which rollout steps the loop trains on: never a deterministic (NaN log-prob) step."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from visalign.train.loop import Trainer, TrainingError
+
+
+def make(fraction: float = 1.0, per_update: int | None = None, eta: float = 1.0):
+    sample = SimpleNamespace(train_fraction=fraction, train_steps_per_update=per_update, eta=eta)
+    return SimpleNamespace(config=SimpleNamespace(sample=sample), _seed=lambda salt: 7)
+
+
+def rollout(log_probs: torch.Tensor):
+    return SimpleNamespace(log_probs=log_probs, num_steps=log_probs.shape[1])
+
+
+def test_deterministic_last_step_is_left_out():
+    lp = torch.zeros(3, 4)
+    lp[:, 3] = float("nan")  # DDIM's last step lands on alpha_bar = 1: zero noise, no density
+    assert Trainer.train_steps(make(), rollout(lp)) == [0, 1, 2]
+    lp[1, 1] = float("nan")
+    assert Trainer.train_steps(make(), rollout(lp)) == [0, 2]
+
+
+def test_fraction_and_subset_apply_to_finite_steps():
+    lp = torch.zeros(2, 10)
+    assert Trainer.train_steps(make(fraction=0.5), rollout(lp)) == [0, 1, 2, 3, 4]
+    picked = Trainer.train_steps(make(per_update=3), rollout(lp))
+    assert len(picked) == 3 and picked == sorted(picked) and set(picked) <= set(range(10))
+
+
+def test_no_finite_step_is_a_clear_error():
+    with pytest.raises(TrainingError, match="eta"):
+        Trainer.train_steps(make(eta=0.0), rollout(torch.full((2, 3), float("nan"))))
