@@ -52,14 +52,8 @@ class WanAdapter(FlowMatchingAdapter):
         return 480, 832
 
     def latent_shape(self, height: int, width: int, num_frames: int | None) -> tuple[int, ...]:
-        frames = num_frames or self.default_num_frames
-        temporal = int(self.pipeline.vae_scale_factor_temporal)
-        if (frames - 1) % temporal:
-            lower = (frames - 1) // temporal * temporal + 1
-            raise ValueError(f"num_frames={frames} must be 1 + a multiple of {temporal} (the VAE's temporal factor); "
-                             f"use {lower} or {lower + temporal}.")
-        f = self.vae_scale_factor()
-        return (int(self.denoiser.config.in_channels), (frames - 1) // temporal + 1, height // f, width // f)
+        return video_latent_shape(int(self.denoiser.config.in_channels), num_frames or self.default_num_frames,
+                                  int(self.pipeline.vae_scale_factor_temporal), self.vae_scale_factor(), height, width)
 
     def encode_condition(self, prompts: list[str], negative_prompts: list[str], guidance: float, *, height: int,
                          width: int) -> Condition:
@@ -131,14 +125,9 @@ class LTXAdapter(FlowMatchingAdapter):
         return 512, 704
 
     def latent_shape(self, height: int, width: int, num_frames: int | None) -> tuple[int, ...]:
-        frames = num_frames or self.default_num_frames
         temporal = int(self.pipeline.vae_temporal_compression_ratio)
-        if (frames - 1) % temporal:
-            lower = (frames - 1) // temporal * temporal + 1
-            raise ValueError(f"num_frames={frames} must be 1 + a multiple of {temporal} (the VAE's temporal factor); "
-                             f"use {lower} or {lower + temporal}.")
-        f = self.vae_scale_factor()
-        return (int(self.denoiser.config.in_channels), (frames - 1) // temporal + 1, height // f, width // f)
+        return video_latent_shape(int(self.denoiser.config.in_channels), num_frames or self.default_num_frames,
+                                  temporal, self.vae_scale_factor(), height, width)
 
     def encode_condition(self, prompts: list[str], negative_prompts: list[str], guidance: float, *, height: int,
                          width: int) -> Condition:
@@ -197,3 +186,17 @@ class LTXAdapter(FlowMatchingAdapter):
                 timestep = torch.zeros(z.shape[0], device=z.device, dtype=z.dtype)  # stock decode_timestep = 0
             video = vae.decode(z, timestep, return_dict=False)[0]
         return from_vae_range(video.float().permute(0, 2, 1, 3, 4))
+
+
+def video_latent_shape(channels: int, frames: int, temporal: int, spatial: int, height: int,
+                       width: int) -> tuple[int, int, int, int]:
+    """``(C, F', H/f, W/f)`` of a causal video VAE that keeps the first frame and compresses the rest by ``temporal``.
+
+    Raises:
+        ValueError: when ``frames`` is not 1 + a multiple of ``temporal``, naming the two nearest valid counts.
+    """
+    if frames < 1 or (frames - 1) % temporal:
+        lower = max(1, (frames - 1) // temporal * temporal + 1)
+        raise ValueError(f"num_frames={frames} must be 1 + a multiple of {temporal} (the VAE's temporal factor); "
+                         f"use {lower} or {lower + temporal}.")
+    return (channels, (frames - 1) // temporal + 1, height // spatial, width // spatial)
