@@ -102,6 +102,15 @@ class FakeYesServer:
             self.in_flight += 1
             self.max_in_flight = max(self.max_in_flight, self.in_flight)
             self.bodies.append(body)
+        released = False
+
+        def release() -> None:  # leave the in-flight count before the reply goes out: once the client has the
+            nonlocal released   # reply it may send its next request, which must not see this one as in flight
+            if not released:
+                released = True
+                with self._lock:
+                    self.in_flight -= 1
+
         try:
             b = self.behaviour
             if b.delay_s:
@@ -109,16 +118,17 @@ class FakeYesServer:
             if b.hold_s:
                 time.sleep(b.hold_s)
             if handler.path != "/v1/chat/completions":
-                self._send(handler, 404, b'{"error": "not found"}')
+                status, payload = 404, b'{"error": "not found"}'
             elif number <= b.fail_first:
-                self._send(handler, 500, b'{"error": "internal error (fake)"}')
+                status, payload = 500, b'{"error": "internal error (fake)"}'
             elif b.always_malformed or number <= b.fail_first + b.malformed_first:
-                self._send(handler, 200, b'{"choices": [{"logprobs": ')
+                status, payload = 200, b'{"choices": [{"logprobs": '
             else:
-                self._send(handler, 200, json.dumps(self.answer(body)).encode())
+                status, payload = 200, json.dumps(self.answer(body)).encode()
+            release()
+            self._send(handler, status, payload)
         finally:
-            with self._lock:
-                self.in_flight -= 1
+            release()
 
     @staticmethod
     def _send(handler: BaseHTTPRequestHandler, status: int, payload: bytes) -> None:
