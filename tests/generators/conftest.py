@@ -174,3 +174,17 @@ def video_paths(unet_dir: Path) -> dict[str, Path]:
     """Pipeline class name → folder of its tiny video pipeline."""
     return {"AnimateDiffPipeline": build_animatediff(unet_dir / "animatediff"),
             "TextToVideoSDPipeline": build_text_to_video(unet_dir / "t2v")}
+
+
+def stock_images(pipe, prompts, seeds, steps, guidance, lora_dir=None):
+    """The stock diffusers pipeline's output, ``output_type="pt"`` ([B, 3, H, W] in [0, 1]); with ``lora_dir`` the
+    LoRA is loaded with ``load_lora_weights`` for this call and unloaded afterwards."""
+    if lora_dir is not None:
+        pipe.load_lora_weights(lora_dir)
+    try:
+        generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
+        return pipe(prompts, num_inference_steps=steps, guidance_scale=guidance, generator=generators,
+                    output_type="pt").images
+    finally:
+        if lora_dir is not None:
+            pipe.unload_lora_weights()

@@ -12,6 +12,7 @@ import shutil
 import pytest
 import torch
 
+from tests.generators.conftest import stock_images
 from visalign.generators import LoraSpec, UnsupportedPipelineError, load_generator, select_train_steps
 
 PROMPTS = ["a red cube", "two blue circles"]
@@ -25,20 +26,6 @@ def stock(sd_path):
     pipe = StableDiffusionPipeline.from_pretrained(sd_path)
     pipe.set_progress_bar_config(disable=True)
     return pipe
-
-
-def stock_images(pipe, prompts, seeds, steps, guidance, lora_dir=None):
-    """The stock diffusers pipeline's output, ``output_type="pt"`` ([B, 3, H, W] in [0, 1]); with ``lora_dir`` the
-    LoRA is loaded with ``load_lora_weights`` for this call and unloaded afterwards."""
-    if lora_dir is not None:
-        pipe.load_lora_weights(lora_dir)
-    try:
-        generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
-        return pipe(prompts, num_inference_steps=steps, guidance_scale=guidance, generator=generators,
-                    output_type="pt").images
-    finally:
-        if lora_dir is not None:
-            pipe.unload_lora_weights()
 
 
 @pytest.fixture(scope="module")

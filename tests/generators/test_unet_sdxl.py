@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from tests.generators.conftest import stock_images
 from visalign.generators import LoraSpec, load_generator
 
 PROMPTS = ["a red cube", "two blue circles"]
@@ -18,19 +19,6 @@ def stock(sdxl_path):
     pipe = StableDiffusionXLPipeline.from_pretrained(sdxl_path)
     pipe.set_progress_bar_config(disable=True)
     return pipe
-
-
-def stock_images(pipe, prompts, seeds, steps, guidance, lora_dir=None):
-    """Stock output ``[B, 3, H, W]`` in [0, 1]; ``lora_dir`` is loaded for this call only."""
-    if lora_dir is not None:
-        pipe.load_lora_weights(lora_dir)
-    try:
-        generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
-        return pipe(prompts, num_inference_steps=steps, guidance_scale=guidance, generator=generators,
-                    output_type="pt").images
-    finally:
-        if lora_dir is not None:
-            pipe.unload_lora_weights()
 
 
 @pytest.fixture(scope="module")
