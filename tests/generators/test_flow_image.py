@@ -34,11 +34,7 @@ def _load(name, flow_dir):
 
 
 def _stock(gen, steps, guidance, seeds):
-    """The stock diffusers pipeline call the adapter must reproduce at noise level 0."""
-    pipe = gen.pipeline
-    pipe.set_progress_bar_config(disable=True)
-    return pipe(PROMPTS, num_inference_steps=steps, guidance_scale=guidance, max_sequence_length=SEQ_LEN,
-                generator=[torch.Generator().manual_seed(s) for s in seeds], output_type="pt", **SIZE).images
+    return flow_fixtures.stock_call(gen, PROMPTS, steps, guidance, seeds, SEQ_LEN, **SIZE)
 
 
 @pytest.fixture(scope="module", params=["sd3", "flux"])
