@@ -361,12 +361,9 @@ def _build_clip(out: Path, minutes: float, seed: int, max_steps: int, batch_size
     model.eval()
     model.save_pretrained(out, safe_serialization=True)
     with torch.no_grad():
-        for split, name in (("train", "heldin"), ("heldout", "heldout")):
-            metrics[name] = hard_negative_accuracy(encoder.cosine, build_eval_set(split, eval_images))
-    metrics.update(seed=seed, max_steps=max_steps, batch_size=batch_size, lr=lr, order_share=order_share,
-                   vae=str(vae_dir) if vae_dir else None)
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
-    return metrics
+        _evaluate_splits(metrics, encoder.cosine, eval_images)
+    return _record(out, metrics, seed=seed, max_steps=max_steps, batch_size=batch_size, lr=lr,
+                   order_share=order_share, vae=str(vae_dir) if vae_dir else None)
 
 
 # ---------------------------------------------------------------- VLM proxy
@@ -533,9 +530,19 @@ def build_vlm_proxy(out_dir: str | Path, minutes: float = 4.0, seed: int = 0, *,
         model.eval()
         model.save_pretrained(out, safe_serialization=True)
         with torch.no_grad():
-            for split, name in (("train", "heldin"), ("heldout", "heldout")):
-                metrics[name] = hard_negative_accuracy(yes_no.p_yes, build_eval_set(split, eval_images))
-    metrics.update(seed=seed, max_steps=max_steps, batch_size=batch_size, lr=lr, order_share=order_share,
-                   vae=str(vae_dir) if vae_dir else None)
+            _evaluate_splits(metrics, yes_no.p_yes, eval_images)
+    return _record(out, metrics, seed=seed, max_steps=max_steps, batch_size=batch_size, lr=lr,
+                   order_share=order_share, vae=str(vae_dir) if vae_dir else None)
+
+
+def _evaluate_splits(metrics: dict[str, Any], score: Any, eval_images: int) -> None:
+    """Hard-negative accuracy of ``score`` on held-in (train compositions) and held-out renders, into ``metrics``."""
+    for split, name in (("train", "heldin"), ("heldout", "heldout")):
+        metrics[name] = hard_negative_accuracy(score, build_eval_set(split, eval_images))
+
+
+def _record(out: Path, metrics: dict[str, Any], **how: Any) -> dict[str, Any]:
+    """Add how the proxy was built to its metrics, write ``metrics.json`` beside the weights, return them."""
+    metrics.update(how)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
     return metrics
