@@ -39,7 +39,8 @@ class SampleConfig:
     prompts: str = field(default="", metadata={"help": "Training prompts: a .txt (one per line), a .jsonl/.csv "
                                                         "with a 'prompt' column (other columns reach the scorers "
                                                         "as metadata), or a built-in set such as shapes:train."})
-    prompts_per_step: int = field(default=4, metadata={"help": "Distinct prompts sampled per iteration."})
+    prompts_per_step: int = field(default=4, metadata={"help": "Distinct prompts sampled per iteration, per "
+                                                               "process (global: × the number of processes)."})
     images_per_prompt: int = field(default=4, metadata={"help": "Samples per prompt: the group size G of the "
                                                                 "advantage normalisation (≥ 2)."})
     steps: int = field(default=10, metadata={"help": "Denoising steps per rollout."})
@@ -94,6 +95,14 @@ class OptimConfig:
     warmup_steps: int = field(default=0, metadata={"help": "Linear learning-rate warm-up, in optimizer steps."})
     ema_decay: float | None = field(default=None, metadata={"help": "EMA of trainable weights (e.g. 0.99); null = "
                                                                     "off. Eval and the final save use the EMA."})
+    grad_accumulation: int = field(default=1, metadata={
+        "help": "Objective micro-steps (ctx.optimizer_step calls) per optimizer step; the step uses their mean "
+                "gradient. Leftovers are stepped at the end of each iteration (no gradient crosses iterations)."})
+
+    def __post_init__(self) -> None:
+        if self.grad_accumulation < 1:
+            raise ValueError(f"optim.grad_accumulation must be >= 1 (1 = step on every micro-step); got "
+                             f"{self.grad_accumulation}.")
 
 
 @dataclass

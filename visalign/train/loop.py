@@ -1,8 +1,13 @@
 """The online training loop: rollout → score → advantages → objective update, with checkpoints and logs.
 
 Each stage is its own method (STYLE.md §2.2). Everything random in an iteration (prompts, noise, step subsets,
-the objective's shuffles) is derived from ``(run.seed, iteration)``, so a run resumed from a checkpoint replays
-exactly what an uninterrupted run would have done.
+the objective's shuffles) is derived from ``(run.seed, iteration, process)``, so a run resumed from a checkpoint
+replays exactly what an uninterrupted run would have done.
+
+Under ``accelerate launch`` the loop is data parallel (``visalign/train/distributed.py``): each process samples and
+scores its own prompt groups, gradients are averaged across processes before every optimizer step, metrics are
+gathered for logging, and only the main process writes logs, grids, checkpoints and the final weights. Process 0
+draws exactly what a single-process run draws, so one process behaves as it always has.
 """
 
 from __future__ import annotations
@@ -27,9 +32,16 @@ from visalign.scorers import ScoreBatch
 from visalign.scorers.aggregate import pareto_mask
 from visalign.scorers.compose import RewardOutput, RewardSpec
 from visalign.train.advantages import group_index
-from visalign.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from visalign.train.checkpoint import checkpoint_dir, latest_checkpoint, load_checkpoint, save_checkpoint
 from visalign.train.config import TrainConfig
 from visalign.train.diagnostics import CollapseMonitor, group_diversity
+from visalign.train.distributed import (
+    Distributed,
+    GradientSync,
+    build_accelerator,
+    gather_reward_metrics,
+    mean_over_processes,
+)
 from visalign.train.logging import RunLogger
 from visalign.train.prompts import PromptStream, read_prompt_file, read_prompt_table
 
@@ -52,6 +64,7 @@ class Trainer:
 
     def __init__(self, config: TrainConfig) -> None:
         self.config = config
+        self.dist = Distributed(build_accelerator(config.model.device))
         self.run_dir = Path(config.run.output_dir)
         _check_writable(self.run_dir)
         if config.run.wandb and importlib.util.find_spec("wandb") is None:
@@ -67,14 +80,16 @@ class Trainer:
         self.eval_prompts = (read_prompt_file(config.eval.prompts)[: config.eval.max_prompts]
                              if config.eval.prompts else [])
         m = config.model
+        # A bare "cuda" means this process's own GPU under accelerate launch (cuda:LOCAL_RANK).
+        device = str(self.dist.device) if m.device == "cuda" else m.device
         # Objective params and scorer ids are checked before the model load too (scorer weights load lazily).
         self.objective = build_objective(config.objective.name, config.objective.params)
         self.reward = RewardSpec.from_config({"terms": config.reward.terms, "aggregation": config.reward.aggregation,
-                                              "advantage": config.reward.advantage, "device": m.device})
-        self.eval_reward = (RewardSpec.from_config({"terms": config.eval.scorers, "device": m.device})
+                                              "advantage": config.reward.advantage, "device": device})
+        self.eval_reward = (RewardSpec.from_config({"terms": config.eval.scorers, "device": device})
                             if config.eval.scorers else self.reward)
-        torch.manual_seed(config.run.seed)
-        self.adapter = load_generator(m.model, dtype=m.dtype, device=m.device)
+        torch.manual_seed(config.run.seed)  # the same on every process: LoRA initialises identically
+        self.adapter = load_generator(m.model, dtype=m.dtype, device=device)
         if m.lora_rank > 0:
             self.adapter.add_lora(LoraSpec(rank=m.lora_rank, alpha=m.lora_alpha, target_modules=list(m.lora_targets)))
         else:
@@ -82,6 +97,7 @@ class Trainer:
         if m.gradient_checkpointing:
             self.adapter.set_gradient_checkpointing(True)
         self.params = {n: p for n, p in self.adapter.denoiser.named_parameters() if p.requires_grad}
+        self.dist.broadcast_parameters(self.params.values())
         o = config.optim
         self.optimizer = torch.optim.AdamW(self.params.values(), lr=o.lr, betas=tuple(o.betas),
                                            weight_decay=o.weight_decay)
@@ -89,6 +105,7 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0)
         self.ema = {n: p.detach().clone() for n, p in self.params.items()} if o.ema_decay else None
+        self.grad_sync = GradientSync(list(self.params.values()), self.dist, o.grad_accumulation, self._optimizer_step)
         self.iteration = 0
         self.optimizer_steps = 0
         self.collapse = CollapseMonitor()
@@ -99,13 +116,21 @@ class Trainer:
     # ------------------------------------------------------------ stages
 
     def _seed(self, salt: int) -> int:
-        return (self.config.run.seed * 1_000_003 + self.iteration * 7919 + salt) % (2**31 - 1)
+        # Process 0 keeps the single-process seeds; other processes are offset by a large prime, so per-sample
+        # seeds (seed + i) of different processes and iterations do not collide for batches up to ~3,700.
+        offset = self.dist.process_index * 15_485_863
+        return (self.config.run.seed * 1_000_003 + self.iteration * 7919 + salt + offset) % (2**31 - 1)
 
     def sample(self) -> Any:
         """Roll out ``prompts_per_step`` prompts × ``images_per_prompt`` samples (a :class:`Rollout`, no graph)."""
         s = self.config.sample
         res = self.config.model.resolution
-        prompts, metadata = self.prompts.take_with_metadata(s.prompts_per_step)
+        # Every process advances the shared stream by all processes' draws and keeps its own, so the stream's
+        # position is the same everywhere (one checkpointed state) and processes get different prompts.
+        for rank in range(self.dist.num_processes):
+            drawn = self.prompts.take_with_metadata(s.prompts_per_step)
+            if rank == self.dist.process_index:
+                prompts, metadata = drawn
         rollout = self.adapter.rollout(prompts, images_per_prompt=s.images_per_prompt, steps=s.steps,
                                        guidance=s.guidance, eta=s.eta, seed=self._seed(1),
                                        negative_prompt=s.negative_prompt, height=res, width=res)
@@ -168,11 +193,19 @@ class Trainer:
     def update(self, scored: Scored) -> dict[str, float]:
         """The objective's gradient steps on one scored rollout; returns its metrics (loss, clipfrac, grad_norm...)."""
         self.adapter.denoiser.train(False)  # dropout stays off: it would break the ratio-1 invariant
-        ctx = UpdateContext(self.adapter, self.train_steps(scored.batch.rollout), self._optimizer_step,
+        ctx = UpdateContext(self.adapter, self.train_steps(scored.batch.rollout), self.grad_sync.micro_step,
                             torch.Generator().manual_seed(self._seed(3)))
-        return self.objective.update(scored.batch, ctx)
+        self.grad_sync.norms = []
+        metrics = self.objective.update(scored.batch, ctx)
+        self.grad_sync.flush()
+        norms = self.grad_sync.norms
+        if norms:  # the steps actually taken (accumulating calls return NaN to the objective)
+            metrics["grad_norm"] = sum(norms) / len(norms)
+        return metrics
 
     def _optimizer_step(self) -> float:
+        """Clip, step the optimizer, LR schedule and EMA, zero the gradients (called by :class:`GradientSync` with
+        the mean, cross-process gradient in ``.grad``); returns the pre-clip global grad norm."""
         params = list(self.params.values())
         max_norm = self.config.optim.max_grad_norm
         norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
@@ -195,9 +228,10 @@ class Trainer:
 
         Returns:
             ``eval/reward...`` (held-out scorers; the proxy's own when ``eval.scorers`` is empty) and, with separate
-            eval scorers, ``eval/proxy/reward...``; empty without eval prompts.
+            eval scorers, ``eval/proxy/reward...``; empty without eval prompts and on processes other than the main
+            one (the replicas hold the same weights, so one evaluation serves all).
         """
-        if not self.eval_prompts:
+        if not self.eval_prompts or not self.dist.is_main:
             return {}
         e = self.config.eval
         res = self.config.model.resolution
@@ -256,15 +290,29 @@ class Trainer:
     # ------------------------------------------------------------ checkpoints
 
     def save_checkpoint(self) -> Path:
-        extra = {"torch_rng": torch.get_rng_state()}
-        if self.ema is not None:
-            extra.update({f"ema.{n}": t for n, t in self.ema.items()})
-        state = {"iteration": self.iteration, "optimizer_steps": self.optimizer_steps,
-                 "scheduler": self.scheduler.state_dict(), "prompts": self.prompts.state_dict(),
-                 "reward": self.reward.state_dict(), "eval_reward": self.eval_reward.state_dict(),
-                 "collapse": self.collapse.state_dict(), "first_eval": self.first_eval}
-        return save_checkpoint(self.run_dir, self.iteration, params=self.params, optimizer=self.optimizer,
-                               extra_tensors=extra, state=state, keep_last=self.config.run.keep_last)
+        """Write a checkpoint (the main process writes; every process must call this, since each one's RNG and
+        reward-transform state is gathered into it). Weights, optimizer, EMA, schedule and prompt position are the
+        same on every process and saved once."""
+        # Only RNG and stateful reward transforms differ between processes (each sees its own samples).
+        own = (torch.get_rng_state(), self.reward.state_dict())
+        gathered = self.dist.gather_objects(own)
+        path = checkpoint_dir(self.run_dir) / f"step-{self.iteration:06d}"
+        if self.dist.is_main:
+            extra = {"torch_rng": gathered[0][0]}
+            extra.update({f"torch_rng.rank{r}": g[0] for r, g in enumerate(gathered) if r > 0})
+            if self.ema is not None:
+                extra.update({f"ema.{n}": t for n, t in self.ema.items()})
+            state = {"iteration": self.iteration, "optimizer_steps": self.optimizer_steps,
+                     "scheduler": self.scheduler.state_dict(), "prompts": self.prompts.state_dict(),
+                     "reward": self.reward.state_dict(), "eval_reward": self.eval_reward.state_dict(),
+                     "collapse": self.collapse.state_dict(), "first_eval": self.first_eval}
+            if self.dist.multi:
+                state["num_processes"] = self.dist.num_processes
+                state["reward_other_ranks"] = [g[1] for g in gathered[1:]]
+            path = save_checkpoint(self.run_dir, self.iteration, params=self.params, optimizer=self.optimizer,
+                                   extra_tensors=extra, state=state, keep_last=self.config.run.keep_last)
+        self.dist.wait()
+        return path
 
     def resume(self) -> bool:
         """Restore the newest complete checkpoint of ``run.output_dir``; False when there is none.
@@ -272,8 +320,9 @@ class Trainer:
         Restores weights, optimizer (AdamW moments and step counts), LR schedule, EMA, RNG state, prompt-stream
         position, stateful reward transforms and the diagnostics' baselines; metrics rows logged after the
         checkpoint (by a run that was killed later) are dropped, since the resumed run logs those steps again.
+        Every process loads the checkpoint the main process picked, and its own RNG and reward-transform state.
         """
-        path = latest_checkpoint(self.run_dir)
+        path = self.dist.broadcast_object(latest_checkpoint(self.run_dir))
         if path is None:
             return False
         params, optimizer, extra, state = load_checkpoint(path)
@@ -291,19 +340,32 @@ class Trainer:
         self.optimizer.load_state_dict(optimizer)
         self.scheduler.load_state_dict(state["scheduler"])
         self.prompts.load_state_dict(state["prompts"])
-        self.reward.load_state_dict(state["reward"])
+        self._load_process_state(state, extra)
         if self.eval_reward is not self.reward:
             self.eval_reward.load_state_dict(state.get("eval_reward", {}))
-        torch.set_rng_state(extra["torch_rng"])
         if self.ema is not None:
             self.ema = {n: extra[f"ema.{n}"].clone() for n in self.params}
         self.iteration = int(state["iteration"])
         self.optimizer_steps = int(state["optimizer_steps"])
         self.collapse.load_state_dict(state.get("collapse", {}))
         self.first_eval = dict(state.get("first_eval", {}))
-        rows = truncate_metrics(self.run_dir, self.iteration)
+        rows = truncate_metrics(self.run_dir, self.iteration) if self.dist.is_main else None
+        rows = self.dist.broadcast_object(rows)
         self.history = [r for r in rows if "reward" in r and r["reward"] is not None]
         return True
+
+    def _load_process_state(self, state: dict[str, Any], extra: dict[str, torch.Tensor]) -> None:
+        """This process's RNG and reward-transform state from a checkpoint (process 0's when it was written by
+        fewer processes: the run goes on, but no longer replays what an uninterrupted run would have done)."""
+        rank = self.dist.process_index
+        saved_by = int(state.get("num_processes", 1))
+        if saved_by != self.dist.num_processes and self.dist.is_main:
+            self._write(f"warning: the checkpoint was written by {saved_by} process(es) and is resumed by "
+                        f"{self.dist.num_processes}; sampling differs from an uninterrupted run from here on.")
+        others = state.get("reward_other_ranks", [])
+        reward_state = others[rank - 1] if 0 < rank <= len(others) else state["reward"]
+        self.reward.load_state_dict(reward_state)
+        torch.set_rng_state(extra.get(f"torch_rng.rank{rank}", extra["torch_rng"]))
 
     # ------------------------------------------------------------ the loop
 
@@ -312,16 +374,19 @@ class Trainer:
         from tqdm import tqdm
 
         r = self.config.run
+        main = self.dist.is_main
         resumed = self.resume() if resume else False
-        if not resumed:
-            (self.run_dir / "metrics.jsonl").unlink(missing_ok=True)
-        (self.run_dir / "config.json").write_text(json.dumps(to_dict(self.config), indent=1))
-        self.logger = RunLogger(self.run_dir, tensorboard=r.tensorboard, wandb=r.wandb, config=to_dict(self.config))
+        if main:  # one writer: the other processes log nothing and save nothing
+            if not resumed:
+                (self.run_dir / "metrics.jsonl").unlink(missing_ok=True)
+            (self.run_dir / "config.json").write_text(json.dumps(to_dict(self.config), indent=1))
+            self.logger = RunLogger(self.run_dir, tensorboard=r.tensorboard, wandb=r.wandb,
+                                    config=to_dict(self.config))
         if not resumed:
             self.first_eval = self.evaluate()
             if self.first_eval:
                 self.logger.log(self.iteration, self.first_eval)
-        self.bar = tqdm(total=r.iterations, initial=self.iteration, disable=not r.progress, unit="it",
+        self.bar = tqdm(total=r.iterations, initial=self.iteration, disable=not (r.progress and main), unit="it",
                         dynamic_ncols=True)
         try:
             while self.iteration < r.iterations:
@@ -333,15 +398,32 @@ class Trainer:
                     self.save_checkpoint()
         finally:
             self.bar.close()
+        self._check_replicas()
         final_eval = self.evaluate()
-        if final_eval:
-            self.logger.log(self.iteration, final_eval)
-        with self._ema_weights():
-            self.adapter.save(self.run_dir / "final")
         summary = self._summary(self.history, self.first_eval, final_eval)
-        (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
-        self.logger.close()
+        if main:
+            if final_eval:
+                self.logger.log(self.iteration, final_eval)
+            with self._ema_weights():
+                self.adapter.save(self.run_dir / "final")
+            (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+            self.logger.close()
+        self.dist.wait()
         return summary
+
+    def _check_replicas(self) -> None:
+        """Raise when the processes' trainable weights differ (gradients were not synchronised): the main
+        process saves its own copy, and a silent divergence would make that copy one of several models."""
+        if not self.dist.multi:
+            return
+        with torch.no_grad():
+            sums = torch.stack([p.detach().double().sum() for p in self.params.values()]).cpu()
+        rows = self.dist.gather_objects(sums)
+        for rank, other in enumerate(rows[1:], start=1):
+            if not torch.equal(other, rows[0]):
+                bad = list(self.params)[int((other != rows[0]).nonzero()[0])]
+                raise TrainingError(f"The weights of process {rank} differ from process 0's (first: {bad}); "
+                                    "gradients were not synchronised across processes.")
 
     def one_iteration(self) -> dict[str, float]:
         """Sample → score → update once; log and return the iteration's metrics."""
@@ -354,26 +436,31 @@ class Trainer:
         t3 = time.perf_counter()
         self.iteration += 1
         adv = scored.batch.advantages[scored.batch.keep]
-        metrics: dict[str, float] = {**scored.reward.metrics(), **update}
+        metrics: dict[str, float] = {**update}
         metrics.update({"nan_dropped": float(scored.dropped), "lr": self.scheduler.get_last_lr()[0],
                         "time/sample": t1 - t0, "time/score": t2 - t1, "time/update": t3 - t2,
                         "time/iteration": t3 - t0, "samples_per_second": len(rollout) / (t3 - t0),
                         "advantage_abs_mean": float(adv.abs().mean()) if adv.numel() else 0.0,
                         "advantage_std": float(adv.std()) if adv.numel() > 1 else 0.0,
                         "diversity": group_diversity(rollout.media.cpu(), scored.batch.group_ids)})
+        if self.dist.multi:  # every process gets the same combined metrics (the collapse monitor stays in sync)
+            metrics = mean_over_processes(self.dist.gather_objects(metrics))
+        metrics = {**gather_reward_metrics(scored.reward, self.dist), **metrics}
         warning = self.collapse.check(metrics.get("reward_std", float("nan")))
         if warning:
             metrics["collapse_warning"] = 1.0
-            if self.collapse.warned == 1:  # printed once per run; the metric keeps counting
+            if self.collapse.warned == 1 and self.dist.is_main:  # printed once per run; the metric keeps counting
                 self._write(f"warning: {warning}")
         e = self.config.eval
         if self.eval_prompts and e.every and self.iteration % e.every == 0:
             metrics.update(self.evaluate())
-            metrics["path_kl"] = self.path_kl(rollout)
-        if self.config.run.grid_every and self.iteration % self.config.run.grid_every == 0:
-            self.logger.grid(self.iteration, rollout.media, columns=self.config.sample.images_per_prompt,
-                             tag="train")
-        self.logger.log(self.iteration, metrics)
+            if self.dist.is_main:  # of the main process's rollout, beside its evaluation
+                metrics["path_kl"] = self.path_kl(rollout)
+        if self.logger is not None:
+            if self.config.run.grid_every and self.iteration % self.config.run.grid_every == 0:
+                self.logger.grid(self.iteration, rollout.media, columns=self.config.sample.images_per_prompt,
+                                 tag="train")
+            self.logger.log(self.iteration, metrics)
         return metrics
 
     def _write(self, message: str) -> None:

@@ -1,0 +1,47 @@
+"""One process of the data-parallel test (``tests/train/test_distributed.py``), run under ``accelerate launch``.
+
+Trains through the real :class:`Trainer` and then records what only this process knows: its trainable weights
+(``rank{R}.safetensors``) and, per iteration, the prompts it drew and the rewards of its own samples
+(``rank{R}.json``). Usage: ``accelerate launch ... ddp_worker.py RECORD_DIR RECIPE [key=value ...]``.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from safetensors.torch import save_file
+
+from visalign.train.config import load_train_config
+from visalign.train.loop import Scored, Trainer
+
+
+class RecordingTrainer(Trainer):
+    """The real trainer; ``score`` also keeps this process's prompts and per-sample rewards."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.local: list[dict[str, Any]] = []
+
+    def score(self, rollout: Any) -> Scored:
+        scored = super().score(rollout)
+        self.local.append({"prompts": list(rollout.prompts), "rewards": scored.reward.total.tolist()})
+        return scored
+
+
+def main(argv: list[str]) -> int:
+    record_dir, recipe, *overrides = argv
+    trainer = RecordingTrainer(load_train_config(recipe, overrides))
+    trainer.run(resume=False)
+    rank = trainer.dist.process_index
+    out = Path(record_dir)
+    save_file({n: p.detach().contiguous() for n, p in trainer.params.items()}, str(out / f"rank{rank}.safetensors"))
+    (out / f"rank{rank}.json").write_text(json.dumps({"num_processes": trainer.dist.num_processes,
+                                                      "iterations": trainer.local}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
