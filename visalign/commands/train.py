@@ -49,6 +49,8 @@ def run(args: argparse.Namespace) -> int:
     except (TrainingError, OSError, ValueError) as err:  # OSError: unwritable folders, missing files
         print(f"visalign train: {err}", file=sys.stderr)
         return 1
+    if not trainer.dist.is_main:  # under accelerate launch the main process reports for all of them
+        return 0
     print(summary_table(summary))
     print(f"final weights: {summary['final_weights']}  (pipe.load_lora_weights(that folder) in diffusers)")
     return 0
