@@ -2,7 +2,7 @@
 
 Trains through the real :class:`Trainer` and then records what only this process knows: its trainable weights
 (``rank{R}.safetensors``) and, per iteration, the prompts it drew and the rewards of its own samples
-(``rank{R}.json``). Usage: ``accelerate launch ... ddp_worker.py RECORD_DIR RECIPE [key=value ...]``.
+(``rank{R}.json``). Usage: ``accelerate launch ... ddp_worker.py [--resume] RECORD_DIR RECIPE [key=value ...]``.
 """
 
 from __future__ import annotations
@@ -32,9 +32,10 @@ class RecordingTrainer(Trainer):
 
 
 def main(argv: list[str]) -> int:
-    record_dir, recipe, *overrides = argv
+    resume = argv[:1] == ["--resume"]
+    record_dir, recipe, *overrides = argv[1:] if resume else argv
     trainer = RecordingTrainer(load_train_config(recipe, overrides))
-    trainer.run(resume=False)
+    trainer.run(resume=resume)
     rank = trainer.dist.process_index
     out = Path(record_dir)
     save_file({n: p.detach().contiguous() for n, p in trainer.params.items()}, str(out / f"rank{rank}.safetensors"))
