@@ -254,12 +254,18 @@ class Trainer:
 
     def path_kl(self, rollout: Any, num_steps: int = 2) -> float:
         """Path KL to the reference (LoRA-off) model, ``E Σ_t ||mu_θ − mu_ref||² / (2σ_t²)`` summed over latent
-        elements (METHODS §15), estimated on this iteration's own SDE rollout from ``num_steps`` evenly spaced steps
-        scaled by ``S / num_steps``. NaN without LoRA (no reference to switch to) or for a deterministic sampler."""
+        elements (METHODS §15), estimated on this iteration's own SDE rollout from ``num_steps`` evenly spaced
+        stochastic steps, scaled by ``S / num_steps``. NaN without LoRA (no reference to switch to) or for a
+        deterministic sampler."""
         if self.adapter.lora is None or rollout.eta <= 0:
             return float("nan")
         total_steps = rollout.num_steps
-        picks = sorted({round(i * (total_steps - 1) / max(num_steps - 1, 1)) for i in range(num_steps)})
+        # Only steps with a density: a zero-noise step (DDIM's last, onto ᾱ = 1) has std 0 and would give inf/NaN.
+        stochastic = [j for j in range(total_steps) if bool(torch.isfinite(rollout.log_probs[:, j]).all())]
+        if not stochastic:
+            return float("nan")
+        picks = sorted({stochastic[round(i * (len(stochastic) - 1) / max(num_steps - 1, 1))]
+                        for i in range(num_steps)})
         per_step = []
         with torch.no_grad():
             for j in picks:
