@@ -45,6 +45,8 @@ class DemoConfig:
     steps: int = field(default=10, metadata={"help": "DDIM steps of training rollouts (η = 1)."})
     train_steps_per_update: int | None = field(default=4, metadata={
         "help": "Random denoising steps trained per update; null = all."})
+    train_fraction: float | None = field(default=None, metadata={
+        "help": "Train only the first ⌊f·steps⌋ (high-noise) steps; null = every stochastic step."})
     guidance: float = field(default=4.0, metadata={"help": "Classifier-free guidance scale."})
     lr: float = field(default=3e-4, metadata={"help": "AdamW learning rate of the LoRA weights."})
     lora_rank: int = field(default=8, metadata={"help": "LoRA rank (0 = full fine-tune)."})
@@ -119,7 +121,7 @@ def train_config(config: DemoConfig, align_file: Path, run_dir: Path) -> Any:
                    "eta": 1.0, "train_steps_per_update": config.train_steps_per_update,
                    # The last DDIM step lands on alpha = 1 (set_alpha_to_one): its std is 0 and its log-prob NaN,
                    # which turns the LoRA weights NaN after one update; train on the stochastic steps only.
-                   "train_fraction": (config.steps - 1) / config.steps},
+                   "train_fraction": config.train_fraction or (config.steps - 1) / config.steps},
         "reward": {"terms": terms},
         "objective": {"name": config.objective, "params": dict(config.objective_params)},
         "optim": {"lr": config.lr},
