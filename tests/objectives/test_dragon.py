@@ -126,12 +126,36 @@ def test_unpaired_step_zero_kto_loss_is_one_half_and_z0_is_zero(adapter, rollout
     assert metrics["grad_norm"] > 0
 
 
-def test_base_reference_needs_lora(bright_sd_path):
+def test_full_finetune_base_reference_is_a_frozen_copy_of_the_first_weights(bright_sd_path):
+    """Without LoRA, reference='base' is the weights at the first update: the loss starts at log 2, the reference
+    MSE stays the base model's after θ moves (no re-snapshot), and every reference pass hands θ back unchanged."""
     full = load_generator(bright_sd_path)
     full.train_full()
-    batch = make_batch(full.rollout(["a red cube"], images_per_prompt=2, steps=1, guidance=1.0, seed=0),
-                       torch.tensor([0.1, 0.2]))
-    with pytest.raises(ValueError, match="reference=old"):
-        build_objective("dragon", {}).update(batch, make_context(full, [0], GradRecorder({})))
+    params = named(full)
+    rollout = full.rollout(["a red cube", "two blue circles"], images_per_prompt=2, steps=2, guidance=1.0, eta=1.0,
+                           seed=7)
+    base = {n: p.detach().clone() for n, p in params.items()}
+    moves = torch.Generator().manual_seed(0)
+    deltas = []
+
+    def perturb():  # stands in for the optimizer step: θ leaves the reference
+        with torch.no_grad():
+            for p in params.values():
+                delta = 1e-2 * torch.randn(p.shape, generator=moves)
+                deltas.append(delta)
+                p.add_(delta)
+
+    recorder = GradRecorder(params, perturb=perturb)
+    objective = build_objective("dragon", {"reference": "base", "beta": 50.0})
+    batch = make_batch(rollout, torch.tensor([0.1, 0.9, 0.8, 0.2]))
+    first = objective.update(batch, make_context(full, [0], recorder, seed=1))
+    assert first["loss"] == pytest.approx(math.log(2), abs=1e-7) and first["grad_norm"] > 0
+    second = objective.update(batch, make_context(full, [0], recorder, seed=1))  # same (t, ε) draws
+    assert second["ref_mse"] == pytest.approx(first["ref_mse"], rel=1e-6)
+    assert abs(second["model_mse"] - second["ref_mse"]) > 1e-6
+    names = list(params)
+    for i, name in enumerate(names):  # θ = base + both perturbations: the reference swap restored every tensor
+        expected = base[name] + deltas[i] + deltas[len(names) + i]
+        torch.testing.assert_close(params[name].detach(), expected, rtol=0, atol=1e-6)
     with pytest.raises(ValueError, match="mode"):
         build_objective("dragon", {"mode": "set"})

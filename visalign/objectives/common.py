@@ -11,7 +11,8 @@ Memory stays one step's worth, exactly as GRPO's per-step backward.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Iterator, Sequence
 
 import torch
 from torch import Tensor
@@ -116,6 +117,35 @@ def denoising_loss(adapter: GeneratorAdapter, latents_x0: Tensor, rollout: Rollo
                                   "generator adapter that implements it (visalign.generators.base).")
     condition = rollout.condition.select(list(index))
     return adapter.denoising_loss(latents_x0, condition, timesteps=timesteps, noise=noise, generator=generator)
+
+
+class FrozenWeights:
+    """A frozen copy of a module's trainable weights, swapped in for reference passes of full fine-tunes.
+
+    LoRA gives an exact reference for free (adapters off). A full fine-tune has none, so Diffusion-DPO keeps a second,
+    frozen UNet; this keeps only the trainable tensors (one extra copy of them) and swaps storage pointers in and
+    out, so a reference pass costs no weight copy.
+
+    Args:
+        module: the denoiser; its parameters with ``requires_grad`` are copied now, as they are at this moment.
+    """
+
+    def __init__(self, module: torch.nn.Module) -> None:
+        self.module = module
+        self.weights = {n: p.detach().clone() for n, p in module.named_parameters() if p.requires_grad}
+
+    @contextlib.contextmanager
+    def swapped_in(self) -> Iterator[None]:
+        """Inside the block the module computes with the frozen weights; its own are restored on exit."""
+        params = dict(self.module.named_parameters())
+        current = {n: params[n].data for n in self.weights}
+        for name, frozen in self.weights.items():
+            params[name].data = frozen
+        try:
+            yield
+        finally:
+            for name, data in current.items():
+                params[name].data = data
 
 
 # ---------------------------------------------------------------- preference surrogates on denoising errors

@@ -13,9 +13,13 @@ pulled toward D+ and away from D− relative to a reference (arXiv 2504.15217; t
   ``L = w·(1 − σ(sign·β·(ℓ_ref − ℓ_θ − z0)))``, ``z0 = sg(clamp(mean(ℓ_ref − ℓ_θ), min=0))``.
 
 ℓ is the adapter's per-sample ``denoising_loss`` (mean-over-elements MSE, conditional branch) on the rollout's final
-latents. The reference is the LoRA-disabled base model (``reference: base``) or the rollout snapshot θ_old
-(``reference: old``, which also serves full fine-tunes: θ = θ_old when the update starts, so the first step's DPO loss
-is log 2 and its KTO ``g`` is 0). The ``(t, ε)`` draws and the reference losses are made once per rollout.
+latents. The reference is the model before training (``reference: base``): the LoRA-disabled model, or for a full
+fine-tune a frozen copy of the trainable weights taken at this process's first update (Diffusion-DPO's frozen
+reference UNet; a run resumed from a checkpoint takes it from the resumed weights, as objectives keep no checkpointed
+state — use LoRA where a resume must replay exactly). ``reference: old`` is the rollout snapshot θ_old: θ = θ_old when
+the update starts, so the first step's DPO loss is log 2 and its KTO ``g`` is 0 — every rollout, so with one inner
+step nothing anchors the model and the surrogate keeps raising the denoising error on D− (measured on the tiny SD of
+tests/objectives/test_acceptance.py). The ``(t, ε)`` draws and the reference losses are made once per rollout.
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ import torch
 from torch import Tensor
 
 from visalign.objectives.base import MetricMeans, Objective, UpdateBatch, UpdateContext, micro_batches
-from visalign.objectives.common import denoising_loss, diffusion_dpo_loss, diffusion_kto_loss
+from visalign.objectives.common import FrozenWeights, denoising_loss, diffusion_dpo_loss, diffusion_kto_loss
 
 MODES = ("paired", "unpaired")
 REFERENCES = ("base", "old")
@@ -40,8 +44,11 @@ class DragonParams:
                                                           "below the batch median → Diffusion-KTO (set-level)."})
     beta: float = field(default=5000.0, metadata={"help": "β of the DPO/KTO surrogate, calibrated to mean-over-"
                                                           "elements MSE (DiffusionDPO: 5000)."})
-    reference: str = field(default="base", metadata={"help": "'base': the LoRA-disabled model (needs LoRA); 'old': "
-                                                             "the model as it was when the rollout was sampled."})
+    reference: str = field(default="base", metadata={"help": "'base': the model before training — the LoRA-disabled "
+                                                             "model, or for a full fine-tune a frozen copy of the "
+                                                             "weights taken at the first update; 'old': the model as "
+                                                             "it was when the rollout was sampled (the loss restarts "
+                                                             "at log 2 every rollout, so nothing bounds the drift)."})
     lambda_desirable: float = field(default=1.0, metadata={"help": "KTO weight λ_D of D+ samples (unpaired mode)."})
     lambda_undesirable: float = field(default=1.0, metadata={"help": "KTO weight λ_U of D− samples (unpaired mode)."})
     inner_steps: int = field(default=1, metadata={"help": "Passes over each rollout's D+/D− (same (t, ε) draws)."})
@@ -102,11 +109,12 @@ class DragonObjective(Objective):
     name = "dragon"
     Params = DragonParams
 
+    def __init__(self, params: dict | None = None) -> None:
+        super().__init__(params)
+        self._frozen: FrozenWeights | None = None  # the full fine-tune's reference, made on the first update
+
     def update(self, batch: UpdateBatch, ctx: UpdateContext) -> dict[str, float]:
         p: DragonParams = self.params
-        if p.reference == "base" and ctx.adapter.lora is None:
-            raise ValueError("dragon reference='base' is the LoRA-disabled model, but this generator is fully "
-                             "fine-tuned; set model.lora_rank > 0 or objective.params.reference=old.")
         weights = batch.effective_weights
         if p.mode == "paired":
             winners, losers = best_worst_pairs(batch.rewards, batch.group_ids, weights)
@@ -119,7 +127,15 @@ class DragonObjective(Objective):
         return self._unpaired(batch, ctx, index, desirable)
 
     def _reference_context(self, ctx: UpdateContext) -> contextlib.AbstractContextManager:
-        return ctx.adapter.lora_disabled() if self.params.reference == "base" else contextlib.nullcontext()
+        if self.params.reference == "old":
+            return contextlib.nullcontext()
+        if ctx.adapter.lora is not None:
+            return ctx.adapter.lora_disabled()
+        # A full fine-tune has no adapters to switch off: freeze a copy of the weights the first time (before any
+        # optimizer step of this process), as Diffusion-DPO keeps a frozen reference UNet.
+        if self._frozen is None:
+            self._frozen = FrozenWeights(ctx.adapter.denoiser)
+        return self._frozen.swapped_in()
 
     def _paired(self, batch: UpdateBatch, ctx: UpdateContext, winners: Tensor, losers: Tensor) -> dict[str, float]:
         p: DragonParams = self.params
