@@ -531,6 +531,15 @@ def _clean(value: Any) -> Any:
     return value
 
 
+def _quiet_loading() -> None:
+    """No per-cell "Loading weights" / "Loading pipeline components" bars: the grid's own lines stay readable."""
+    import diffusers
+    import transformers
+
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.disable_progress_bar()
+
+
 def _threads() -> int:
     import torch
 
@@ -545,4 +554,5 @@ def _write_json(path: Path, data: Any) -> None:
 
 
 if __name__ == "__main__":
+    _quiet_loading()  # here, not in main(): a caller such as the test keeps its own logging settings
     main()
