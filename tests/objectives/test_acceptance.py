@@ -137,3 +137,36 @@ def test_raft_selection_moves_toward_the_reward(bright_sd_path, prompt_file, tmp
         gains[label] = eval_reward(trainer, brightness) - before
     difference = gains["reward"] - gains["negated"]
     assert difference > 0.0005, f"raft: brightness gain {gains} — selection by the reward should beat its negation"
+
+
+def test_raft_raises_brightness_on_a_trained_tiny_sd(tmp_path):
+    """RAFT where its premise holds: a *trained* tiny SD (the shipped shapes-world pipeline, 32 px), whose own samples
+    lie on its manifold, so fine-tuning on the best of each group moves the model toward them rather than somewhere
+    arbitrary as with a random denoiser. ``pipelines/tiny-sd-raft.yaml`` (LoRA r4, 4 DDIM steps η = 1, no CFG) with
+    top-1 of 8 images per prompt, lr 1e-3, 30 iterations; paired mean pixel value (brightness) of a fixed
+    3 prompts × 16 batch.
+    Measured gain vs the negated-reward control, seeds 0 / 1 / 2: +0.076 vs +0.030, +0.078 vs +0.026, +0.067 vs
+    +0.052 (base brightness ~0.10; the control rises too: self-training on 4-step samples brightens them)."""
+    from tests.train.conftest import REPO
+
+    prompts = ["a red circle", "two blue squares", "a green triangle to the left of a yellow circle"]
+    gains = {}
+    for label, terms in (("reward", "[brightness]"), ("negated", "[{scorer: brightness, weight: -1.0}]")):
+        overrides = [f"run.output_dir={tmp_path / label}", "run.seed=0", f"run.iterations={ITERATIONS}",
+                     "optim.lr=1e-3", "objective.params.top_k=1", "sample.images_per_prompt=8", "eval.prompts=null",
+                     "run.tensorboard=false", "run.progress=false", f"run.checkpoint_every={ITERATIONS}",
+                     f"reward.terms={terms}"]
+        trainer = Trainer(load_train_config(REPO / "pipelines/tiny-sd-raft.yaml", overrides))
+        before = _mean_pixel(trainer, prompts)
+        trainer.run(resume=False)
+        gains[label] = _mean_pixel(trainer, prompts) - before
+    assert gains["reward"] > 0.04, f"raft on the trained tiny SD: brightness gain {gains['reward']:+.4f} (want > 0.04)"
+    assert gains["reward"] - gains["negated"] > 0.01, f"raft: selection should beat its negation, got {gains}"
+
+
+def _mean_pixel(trainer: Trainer, prompts: list[str]) -> float:
+    """Mean pixel value of ``prompts`` × 16 samples (seed 777) drawn exactly as the trainer samples."""
+    s = trainer.config.sample
+    rollout = trainer.adapter.rollout(prompts, images_per_prompt=16, steps=s.steps, guidance=s.guidance, eta=s.eta,
+                                      seed=777)
+    return float(rollout.media.clamp(0, 1).mean())
