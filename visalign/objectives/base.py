@@ -82,6 +82,13 @@ class Objective:
         """Take this iteration's gradient steps; return scalar metrics (``loss``, ``clipfrac``, ``grad_norm``...)."""
         raise NotImplementedError
 
+    def state_tensors(self) -> dict[str, Tensor]:
+        """Tensors the objective carries across iterations (saved in checkpoints); none by default."""
+        return {}
+
+    def load_state_tensors(self, tensors: dict[str, Tensor], adapter: GeneratorAdapter) -> None:
+        """Restore :meth:`state_tensors` from a checkpoint (``adapter`` is the generator being trained)."""
+
     @staticmethod
     def param_help(cls_params: type) -> dict[str, str]:
         return {f.name: f.metadata.get("help", "") for f in fields(cls_params)}

@@ -130,9 +130,18 @@ class FrozenWeights:
         module: the denoiser; its parameters with ``requires_grad`` are copied now, as they are at this moment.
     """
 
-    def __init__(self, module: torch.nn.Module) -> None:
+    def __init__(self, module: torch.nn.Module, weights: dict[str, Tensor] | None = None) -> None:
         self.module = module
-        self.weights = {n: p.detach().clone() for n, p in module.named_parameters() if p.requires_grad}
+        if weights is None:
+            weights = {n: p.detach().clone() for n, p in module.named_parameters() if p.requires_grad}
+        else:  # restored from a checkpoint: the copy must fit the module it stands in for
+            params = dict(module.named_parameters())
+            bad = sorted(n for n, t in weights.items() if n not in params or params[n].shape != t.shape)
+            if bad:
+                raise ValueError(f"Frozen reference weights do not fit the model (e.g. {bad[0]}); the checkpoint was "
+                                 "written for another model.")
+            weights = {n: t.to(params[n].device, params[n].dtype) for n, t in weights.items()}
+        self.weights = weights
 
     @contextlib.contextmanager
     def swapped_in(self) -> Iterator[None]:

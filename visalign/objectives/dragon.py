@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from visalign.generators.base import GeneratorAdapter
 from visalign.objectives.base import MetricMeans, Objective, UpdateBatch, UpdateContext, micro_batches
 from visalign.objectives.common import FrozenWeights, denoising_loss, diffusion_dpo_loss, diffusion_kto_loss
 
@@ -125,6 +126,14 @@ class DragonObjective(Objective):
         if not desirable.any():
             return {"positives": 0.0}
         return self._unpaired(batch, ctx, index, desirable)
+
+    def state_tensors(self) -> dict[str, Tensor]:
+        # The full fine-tune's frozen reference: without it a resumed run would freeze the resumed weights instead.
+        return {} if self._frozen is None else {f"frozen.{n}": t for n, t in self._frozen.weights.items()}
+
+    def load_state_tensors(self, tensors: dict[str, Tensor], adapter: GeneratorAdapter) -> None:
+        frozen = {k.removeprefix("frozen."): t for k, t in tensors.items() if k.startswith("frozen.")}
+        self._frozen = FrozenWeights(adapter.denoiser, frozen) if frozen else None
 
     def _reference_context(self, ctx: UpdateContext) -> contextlib.AbstractContextManager:
         if self.params.reference == "old":

@@ -308,6 +308,8 @@ class Trainer:
             extra.update({f"torch_rng.rank{r}": g[0] for r, g in enumerate(gathered) if r > 0})
             if self.ema is not None:
                 extra.update({f"ema.{n}": t for n, t in self.ema.items()})
+            # The objective's own state (e.g. DRAGON's frozen reference of a full fine-tune), the same everywhere.
+            extra.update({f"objective.{k}": t for k, t in self.objective.state_tensors().items()})
             state = {"iteration": self.iteration, "optimizer_steps": self.optimizer_steps,
                      "scheduler": self.scheduler.state_dict(), "prompts": self.prompts.state_dict(),
                      "reward": self.reward.state_dict(), "eval_reward": self.eval_reward.state_dict(),
@@ -351,6 +353,8 @@ class Trainer:
             self.eval_reward.load_state_dict(state.get("eval_reward", {}))
         if self.ema is not None:
             self.ema = {n: extra[f"ema.{n}"].clone() for n in self.params}
+        self.objective.load_state_tensors({k.removeprefix("objective."): t for k, t in extra.items()
+                                           if k.startswith("objective.")}, self.adapter)
         self.iteration = int(state["iteration"])
         self.optimizer_steps = int(state["optimizer_steps"])
         self.collapse.load_state_dict(state.get("collapse", {}))
