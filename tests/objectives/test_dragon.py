@@ -14,7 +14,7 @@ import torch
 from tests.objectives.conftest import GradRecorder, make_batch, make_context
 from visalign.generators import LoraSpec, load_generator
 from visalign.objectives.base import build_objective
-from visalign.objectives.common import diffusion_dpo_loss, diffusion_kto_loss
+from visalign.objectives.common import diffusion_dpo_loss, diffusion_kto_loss, kto_reference_point
 from visalign.objectives.dragon import best_worst_pairs, median_split
 
 GROUPS = torch.tensor([0, 0, 0, 1, 1, 1])
@@ -62,6 +62,23 @@ def test_kto_loss_matches_hand_computation():
     # The reference point is clamped at 0: when θ is worse than the reference on average, z0 = 0.
     _, z_neg = diffusion_kto_loss(ref + 0.3, ref, desirable, beta=3.0)
     assert float(z_neg) == 0.0
+
+
+def test_kto_micro_batch_uses_the_whole_batch_reference_point():
+    """With micro-batches, z0 is the whole batch's (METHODS §5), passed in: the first half alone has mean g 0.05
+    (z0 0.05), the whole batch 0.0 (clamped), and the loss must be the one at z0 = 0."""
+    model = torch.tensor([0.2, 0.5, 0.8, 0.9], dtype=torch.float64)
+    ref = torch.tensor([0.4, 0.4, 0.5, 0.5], dtype=torch.float64)
+    desirable = torch.tensor([True, False, True, False])
+    whole = kto_reference_point(model, ref)
+    assert float(whole) == 0.0
+    half_alone, z_alone = diffusion_kto_loss(model[:2], ref[:2], desirable[:2], beta=3.0)
+    half_batch, z_batch = diffusion_kto_loss(model[:2], ref[:2], desirable[:2], beta=3.0, z0=whole)
+    assert float(z_alone) == pytest.approx(0.05) and float(z_batch) == 0.0
+    g = [0.2, -0.1]
+    expected = [1 - 1 / (1 + math.exp(-3.0 * g[0])), 1 - 1 / (1 + math.exp(3.0 * g[1]))]
+    torch.testing.assert_close(half_batch, torch.tensor(expected, dtype=torch.float64))
+    assert not torch.allclose(half_alone, half_batch)
 
 
 # ---------------------------------------------------------------- on the tiny pipeline
@@ -124,6 +141,17 @@ def test_unpaired_step_zero_kto_loss_is_one_half_and_z0_is_zero(adapter, rollout
     assert metrics["positives"] == 3 and metrics["negatives"] == 3
     assert metrics["z0"] == 0.0 and metrics["loss"] == pytest.approx(0.5, abs=1e-7)
     assert metrics["grad_norm"] > 0
+
+
+def test_unpaired_micro_batches_share_one_reference_point(adapter, rollout):
+    # 6 samples in micro-batches of 2: one extra no-grad pass gives the batch z0; θ = old at the pass start → 0.
+    recorder = GradRecorder(named(adapter))
+    rewards = torch.tensor([0.2, 0.9, 0.5, 0.7, 0.1, 0.4])
+    metrics = build_objective("dragon", {"mode": "unpaired", "reference": "old", "micro_batch": 2}).update(
+        make_batch(rollout, rewards), make_context(adapter, [0], recorder))
+    # Micro-batches of 2 vs the reference's batch of 6 differ by float rounding only (g ~ 1e-5, not exactly 0).
+    assert len(recorder.grads) == 3 and metrics["z0"] < 1e-5
+    assert metrics["loss"] == pytest.approx(0.5, abs=1e-3)
 
 
 def test_full_finetune_base_reference_is_a_frozen_copy_of_the_first_weights(bright_sd_path):

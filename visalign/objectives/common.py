@@ -181,7 +181,7 @@ def diffusion_dpo_loss(model_w: Tensor, model_l: Tensor, ref_w: Tensor, ref_l: T
 
 
 def diffusion_kto_loss(model: Tensor, ref: Tensor, desirable: Tensor, beta: float, *, lambda_desirable: float = 1.0,
-                       lambda_undesirable: float = 1.0) -> tuple[Tensor, Tensor]:
+                       lambda_undesirable: float = 1.0, z0: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Diffusion-KTO per sample (METHODS.md §5; jacklishufan/diffusion-kto train_kto_sd_v1.5.py).
 
     ``g = ℓ_ref − ℓ_θ`` (how much better θ denoises than the reference), reference point
@@ -194,13 +194,20 @@ def diffusion_kto_loss(model: Tensor, ref: Tensor, desirable: Tensor, beta: floa
         desirable: bool ``[N]``, True for D+.
         beta: β (as for Diffusion-DPO, calibrated to mean-over-elements MSE).
         lambda_desirable, lambda_undesirable: λ_D, λ_U.
+        z0: the reference point computed over the whole batch when ``model`` is one micro-batch of it (see
+            :func:`kto_reference_point`); None computes it over these N samples.
 
     Returns:
         ``(loss [N], z0)``: per-sample losses in [0, max λ], and the scalar reference point (detached).
     """
     g = ref - model
-    z0 = g.detach().mean().clamp(min=0)
+    z0 = kto_reference_point(model, ref) if z0 is None else z0.detach()
     sign = desirable.to(g.dtype) * 2 - 1
     h = torch.sigmoid(sign * beta * (g - z0))
     weight = torch.where(desirable, torch.full_like(g, lambda_desirable), torch.full_like(g, lambda_undesirable))
     return weight * (1 - h), z0
+
+
+def kto_reference_point(model: Tensor, ref: Tensor) -> Tensor:
+    """Diffusion-KTO's reference point ``z0 = sg(clamp(mean(ℓ_ref − ℓ_θ), min=0))`` over float ``[N]`` MSEs."""
+    return (ref - model).detach().mean().clamp(min=0)

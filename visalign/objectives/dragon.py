@@ -32,7 +32,13 @@ from torch import Tensor
 
 from visalign.generators.base import GeneratorAdapter
 from visalign.objectives.base import MetricMeans, Objective, UpdateBatch, UpdateContext, micro_batches
-from visalign.objectives.common import FrozenWeights, denoising_loss, diffusion_dpo_loss, diffusion_kto_loss
+from visalign.objectives.common import (
+    FrozenWeights,
+    denoising_loss,
+    diffusion_dpo_loss,
+    diffusion_kto_loss,
+    kto_reference_point,
+)
 
 MODES = ("paired", "unpaired")
 REFERENCES = ("base", "old")
@@ -186,13 +192,21 @@ class DragonObjective(Objective):
         metrics = MetricMeans()
         for _ in range(p.inner_steps):
             order = torch.randperm(index.numel(), generator=ctx.generator)
-            for chunk in micro_batches(order.tolist(), p.micro_batch or index.numel()):
+            chunks = micro_batches(order.tolist(), p.micro_batch or index.numel())
+            batch_z0 = None
+            if len(chunks) > 1:
+                # z0 is a statistic of the whole batch (METHODS §5), not of each micro-batch: one no-grad pass.
+                with torch.no_grad():
+                    current = denoising_loss(ctx.adapter, x0[index], rollout, index.tolist(),
+                                             timesteps=ref.timesteps, noise=ref.noise)
+                batch_z0 = kto_reference_point(current.loss, ref.loss)
+            for chunk in chunks:
                 rows = index[chunk]
                 model = denoising_loss(ctx.adapter, x0[rows], rollout, rows.tolist(), timesteps=ref.timesteps[chunk],
                                        noise=ref.noise[chunk])
                 per_sample, z0 = diffusion_kto_loss(model.loss, ref.loss[chunk], desirable[chunk], p.beta,
                                                     lambda_desirable=p.lambda_desirable,
-                                                    lambda_undesirable=p.lambda_undesirable)
+                                                    lambda_undesirable=p.lambda_undesirable, z0=batch_z0)
                 loss = (per_sample * sample_weights[chunk]).mean()
                 loss.backward()
                 g = (ref.loss[chunk] - model.loss).detach()
