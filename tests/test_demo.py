@@ -42,6 +42,8 @@ def test_alignment_prompts_never_contain_an_evaluation_composition():
 def test_config_rejects_an_empty_evaluation():
     with pytest.raises(ValueError, match="evaluation prompts"):
         DemoConfig(eval_heldin=0, eval_heldout=0)
+    with pytest.raises(ValueError, match="train_fraction 0.3 of 3 steps trains none"):
+        DemoConfig(steps=3)  # the default fraction trains ⌊0.9⌋ = 0 steps: said before any model loads
 
 
 @pytest.fixture(scope="module")
@@ -50,8 +52,8 @@ def demo_run(tmp_path_factory):
     from visalign.shapes.demo import run_demo
 
     out = tmp_path_factory.mktemp("demo")
-    config = DemoConfig(iterations=2, prompts_per_step=1, images_per_prompt=2, steps=3, eval_steps=4,
-                        eval_heldin=3, eval_heldout=3, grid_prompts=3, output_dir=str(out))
+    config = DemoConfig(iterations=2, prompts_per_step=1, images_per_prompt=2, steps=3, train_fraction=0.34,
+                        eval_steps=4, eval_heldin=3, eval_heldout=3, grid_prompts=3, output_dir=str(out))
     with torch_threads(1):  # two threads on a shared CPU made this fixture 10x slower (tiny matrices, spinning)
         return out, run_demo(config, log=lambda _: None)
 

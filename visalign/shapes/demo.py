@@ -66,6 +66,9 @@ class DemoConfig:
     def __post_init__(self) -> None:
         if self.steps < 2:
             raise ValueError(f"steps ({self.steps}) must be >= 2: the last DDIM step is deterministic, never trained.")
+        if self.train_fraction is not None and int(self.train_fraction * self.steps) < 1:
+            raise ValueError(f"train_fraction {self.train_fraction} of {self.steps} steps trains none; raise it to "
+                             f">= {1 / self.steps:.3g} or use more steps.")
         if self.iterations < 1 or self.eval_heldin < 0 or self.eval_heldout < 0:
             raise ValueError("iterations must be >= 1 and eval_heldin / eval_heldout >= 0.")
         if self.eval_heldin + self.eval_heldout == 0:
