@@ -179,8 +179,8 @@ class Trainer:
         ᾱ = 1, CPS's last step, an ODE step outside an SDE window); training on it would turn the weights into NaN.
         """
         s = self.config.sample
-        finite = torch.isfinite(rollout.log_probs).all(dim=0)
-        steps = [j for j in select_train_steps(rollout.num_steps, fraction=s.train_fraction) if bool(finite[j])]
+        stochastic = set(stochastic_steps(rollout))
+        steps = [j for j in select_train_steps(rollout.num_steps, fraction=s.train_fraction) if j in stochastic]
         if not steps:
             raise TrainingError(f"None of the trained steps has a finite log-prob (sample.eta = {s.eta}); rollouts "
                                 "need noise (eta > 0) on the trained steps.")
@@ -260,8 +260,7 @@ class Trainer:
         if self.adapter.lora is None or rollout.eta <= 0:
             return float("nan")
         total_steps = rollout.num_steps
-        # Only steps with a density: a zero-noise step (DDIM's last, onto ᾱ = 1) has std 0 and would give inf/NaN.
-        stochastic = [j for j in range(total_steps) if bool(torch.isfinite(rollout.log_probs[:, j]).all())]
+        stochastic = stochastic_steps(rollout)  # a zero-noise step has std 0: its KL term would be inf/NaN
         if not stochastic:
             return float("nan")
         picks = sorted({stochastic[round(i * (len(stochastic) - 1) / max(num_steps - 1, 1))]
@@ -499,6 +498,13 @@ class Trainer:
                 "eval_before": first, "eval_after": last,
                 "collapse_warnings": int(sum(r.get("collapse_warning") or 0 for r in history)),
                 "final_weights": str(self.run_dir / "final")}
+
+
+def stochastic_steps(rollout: Any) -> list[int]:
+    """Indices of the rollout's steps whose log-prob is finite for every sample, i.e. that have a density (not
+    DDIM's last step onto ᾱ = 1, CPS's last step, or an ODE step outside an SDE window)."""
+    finite = torch.isfinite(rollout.log_probs).all(dim=0)
+    return [j for j in range(rollout.num_steps) if bool(finite[j])]
 
 
 @contextlib.contextmanager
