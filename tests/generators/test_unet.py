@@ -227,3 +227,25 @@ def test_misc_bad_arguments(sd):
         sd.rollout(PROMPTS, steps=2, negative_prompt=["x", "y", "z"])
     with pytest.raises(ValueError, match="reduction"):
         sd.step_log_prob(sd.rollout(PROMPTS[:1], steps=1), [0], reduction="max")
+
+
+def test_sde_window_samples_only_its_steps_and_replays_them(sd_path):
+    gen = load_generator(sd_path).configure_sde(window=(1, 3))
+    windowed = gen.rollout(PROMPTS, steps=4, guidance=4.0, eta=1.0, seed=5)
+    finite = torch.isfinite(windowed.log_probs).all(dim=0).tolist()
+    assert finite == [False, True, True, False]  # η only inside [1, 3); the others are deterministic DDIM steps
+    ratio = torch.exp(gen.step_log_prob(windowed, [1, 2]) - windowed.log_probs[:, 1:3])
+    torch.testing.assert_close(ratio, torch.ones_like(ratio), atol=1e-4, rtol=0)
+    # Outside the window a step is the η = 0 step: from the same x_t it lands where the deterministic sampler does.
+    out = gen.recompute_step(windowed, 3)
+    assert float(out.std.max()) == 0.0
+    torch.testing.assert_close(out.prev_sample, windowed.latents[:, 4], atol=1e-5, rtol=0)
+    # The window changes the trajectory (step 0 lost its noise), a full window is the plain η sampler.
+    plain = load_generator(sd_path).rollout(PROMPTS, steps=4, guidance=4.0, eta=1.0, seed=5)
+    assert (windowed.latents[:, 1] - plain.latents[:, 1]).abs().max() > 1e-3
+    full = gen.configure_sde(window=(0, 4)).rollout(PROMPTS, steps=4, guidance=4.0, eta=1.0, seed=5)
+    torch.testing.assert_close(full.latents, plain.latents, atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="exceeds"):
+        gen.configure_sde(window=(2, 6)).rollout(PROMPTS, steps=4, eta=1.0)
+    with pytest.raises(ValueError, match="start < stop"):
+        gen.configure_sde(window=(3, 3))

@@ -41,6 +41,7 @@ class DDIMUNetAdapter(GeneratorAdapter):
     """
 
     denoiser_name = "unet"
+    sde_window: tuple[int, int] | None = None
 
     def __init__(self, pipeline: Any, **kwargs: Any) -> None:
         from diffusers import DDIMScheduler
@@ -54,15 +55,36 @@ class DDIMUNetAdapter(GeneratorAdapter):
                              "thresholding=False.")
         super().__init__(pipeline, **kwargs)
 
+    def configure_sde(self, window: tuple[int, int] | None = None) -> DDIMUNetAdapter:
+        """Sample only the half-open step range ``window`` with DDIM η (the rollout's ``eta``); the other steps use
+        η = 0 (the deterministic sampler, no log-prob). MixGRPO / Flow-GRPO-Fast style: the trained steps stay
+        stochastic while the rest of each trajectory is the sampler users evaluate with. None: η on every step.
+
+        Returns:
+            ``self``, for chaining.
+        """
+        if window is not None and not (0 <= window[0] < window[1]):
+            raise ValueError(f"SDE window {window} must be (start, stop) with 0 <= start < stop.")
+        self.sde_window = None if window is None else (int(window[0]), int(window[1]))
+        return self
+
     # -- schedule --
     def make_schedule(self, steps: int, *, height: int, width: int,
                       num_frames: int | None) -> tuple[Tensor, dict[str, Tensor]]:
-        """``timesteps [S]`` (long, descending) and ``prev_timesteps [S]`` (``t − T_train // S``, may be < 0)."""
+        """``timesteps [S]`` (long, descending), ``prev_timesteps [S]`` (``t − T_train // S``, may be < 0) and
+        ``eta_scale [S]`` (1 inside the SDE window, 0 outside; all ones without a window)."""
         scheduler = self.pipeline.scheduler
         scheduler.set_timesteps(steps, device=self.device)
         timesteps = scheduler.timesteps.clone()
         prev = timesteps - scheduler.config.num_train_timesteps // steps
-        return timesteps, {"prev_timesteps": prev}
+        eta_scale = torch.ones(steps, device=self.device)
+        if self.sde_window is not None:
+            start, stop = self.sde_window
+            if stop > steps:
+                raise ValueError(f"SDE window {self.sde_window} exceeds the {steps} sampling steps.")
+            eta_scale.zero_()
+            eta_scale[start:stop] = 1.0
+        return timesteps, {"prev_timesteps": prev, "eta_scale": eta_scale}
 
     # -- the denoiser --
     def denoise(self, latents: Tensor, timesteps: Tensor, condition: Condition, guidance: float) -> Tensor:
@@ -109,7 +131,7 @@ class DDIMUNetAdapter(GeneratorAdapter):
         config = scheduler.config
         step = ddim_step_with_logprob(
             pred, plan.timesteps[step_index], plan.schedule["prev_timesteps"][step_index], latents,
-            scheduler.alphas_cumprod, scheduler.final_alpha_cumprod, eta=plan.eta,
+            scheduler.alphas_cumprod, scheduler.final_alpha_cumprod, eta=plan.eta * step_eta_scale(plan, step_index),
             prediction_type=config.prediction_type,
             clip_sample_range=config.clip_sample_range if config.clip_sample else None,
             prev_sample=prev_sample, noise=noise)
@@ -192,3 +214,9 @@ class StableDiffusionXLAdapter(DDIMUNetAdapter):
         if not cfg:
             return Condition(embeds, None, extras)
         return Condition(embeds, negative, extras, {"text_embeds": negative_pooled, "time_ids": time_ids.clone()})
+
+
+def step_eta_scale(plan: SamplingPlan, step_index: int) -> float:
+    """The SDE-window factor of step ``step_index`` (1.0 for plans made before windows or without one)."""
+    scale = plan.schedule.get("eta_scale")
+    return 1.0 if scale is None else float(scale[step_index])

@@ -50,6 +50,9 @@ class DemoConfig:
     # on the shapes base; assets/shapes/README.md, Demo).
     train_fraction: float | None = field(default=0.3, metadata={
         "help": "Train only the first ⌊f·steps⌋ (high-noise) steps; null = every stochastic step."})
+    sde_window: list[int] | None = field(default=None, metadata={
+        "help": "[start, stop) of the training steps sampled with η = 1; the rest use η = 0 like the evaluation "
+                "sampler. null = η = 1 on every step."})
     guidance: float = field(default=4.0, metadata={"help": "Classifier-free guidance scale."})
     lr: float = field(default=1e-3, metadata={"help": "AdamW learning rate of the LoRA weights."})
     lora_rank: int = field(default=8, metadata={"help": "LoRA rank (0 = full fine-tune)."})
@@ -125,6 +128,7 @@ def train_config(config: DemoConfig, align_file: Path, run_dir: Path) -> Any:
         "sample": {"prompts": str(align_file), "prompts_per_step": config.prompts_per_step,
                    "images_per_prompt": config.images_per_prompt, "steps": config.steps, "guidance": config.guidance,
                    "eta": 1.0, "train_steps_per_update": config.train_steps_per_update,
+                   "sde_window": config.sde_window,
                    # The last DDIM step lands on alpha = 1 (set_alpha_to_one): its std is 0 and its log-prob NaN,
                    # which turns the LoRA weights NaN after one update; train on the stochastic steps only.
                    "train_fraction": config.train_fraction or (config.steps - 1) / config.steps},

@@ -51,8 +51,16 @@ class SampleConfig:
                                                                  "rollout (flow_grpo's timestep_fraction)."})
     train_steps_per_update: int | None = field(default=None, metadata={
         "help": "Random subset of that many trained steps per update (ddpo-style); null = all of them."})
+    sde_window: list[int] | None = field(default=None, metadata={
+        "help": "[start, stop): only these steps are sampled with eta, the rest deterministically (MixGRPO / "
+                "Flow-GRPO-Fast); e.g. [0, 3] with train_fraction 0.3 keeps the untrained steps on the sampler "
+                "you evaluate with. null = eta on every step."})
 
     def __post_init__(self) -> None:
+        if self.sde_window is not None and (len(self.sde_window) != 2 or not 0 <= self.sde_window[0]
+                                            < self.sde_window[1] <= self.steps):
+            raise ValueError(f"sample.sde_window {self.sde_window} must be [start, stop) with 0 <= start < stop <= "
+                             f"sample.steps ({self.steps}).")
         if not self.prompts:
             raise ValueError("sample.prompts is empty: give a prompt file (.txt, .jsonl or .csv).")
         if self.images_per_prompt < 2:

@@ -90,6 +90,11 @@ class Trainer:
                             if config.eval.scorers else self.reward)
         torch.manual_seed(config.run.seed)  # the same on every process: LoRA initialises identically
         self.adapter = load_generator(m.model, dtype=m.dtype, device=device)
+        if config.sample.sde_window is not None:
+            if not hasattr(self.adapter, "configure_sde"):
+                raise ValueError(f"sample.sde_window needs a generator with SDE windows (DDIM UNet or flow "
+                                 f"families); {type(self.adapter).__name__} has none.")
+            self.adapter.configure_sde(window=tuple(config.sample.sde_window))
         if m.lora_rank > 0:
             self.adapter.add_lora(LoraSpec(rank=m.lora_rank, alpha=m.lora_alpha, target_modules=list(m.lora_targets)))
         else:
