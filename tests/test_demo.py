@@ -44,6 +44,8 @@ def test_config_rejects_an_empty_evaluation():
         DemoConfig(eval_heldin=0, eval_heldout=0)
     with pytest.raises(ValueError, match="train_fraction 0.3 of 3 steps trains none"):
         DemoConfig(steps=3)  # the default fraction trains ⌊0.9⌋ = 0 steps: said before any model loads
+    with pytest.raises(ValueError, match="eta"):
+        DemoConfig(eta=0.0)  # a deterministic rollout has no log-probs to train on
 
 
 @pytest.fixture(scope="module")

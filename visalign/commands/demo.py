@@ -20,7 +20,7 @@ EPILOG = """examples:
 
 # flag → DemoConfig field, for the fields exposed on the command line.
 FLAGS = {"base_model": str, "reward": str, "objective": str, "iterations": int, "prompts_per_step": int,
-         "images_per_prompt": int, "steps": int, "train_fraction": float, "lr": float, "lora_rank": int,
+         "images_per_prompt": int, "steps": int, "eta": float, "train_fraction": float, "lr": float, "lora_rank": int,
          "eval_heldin": int, "eval_heldout": int, "eval_steps": int, "grid_prompts": int, "seed": int}
 
 

@@ -42,7 +42,7 @@ class DemoConfig:
     iterations: int = field(default=80, metadata={"help": "Rollout → score → update iterations."})
     prompts_per_step: int = field(default=8, metadata={"help": "Distinct prompts per iteration."})
     images_per_prompt: int = field(default=8, metadata={"help": "Group size G per prompt."})
-    steps: int = field(default=10, metadata={"help": "DDIM steps of training rollouts (η = 1)."})
+    steps: int = field(default=10, metadata={"help": "DDIM steps of training rollouts."})
     train_steps_per_update: int | None = field(default=None, metadata={
         "help": "Random denoising steps trained per update; null = all trained steps."})
     # Why only the first steps: the count of objects is decided there, and the late low-noise steps' log-prob
@@ -50,6 +50,7 @@ class DemoConfig:
     # on the shapes base; assets/shapes/README.md, Demo).
     train_fraction: float | None = field(default=0.3, metadata={
         "help": "Train only the first ⌊f·steps⌋ (high-noise) steps; null = every stochastic step."})
+    eta: float = field(default=1.0, metadata={"help": "DDIM η of the training rollouts (> 0; the evaluation uses 0)."})
     sde_window: list[int] | None = field(default=None, metadata={
         "help": "[start, stop) of the training steps sampled with η = 1; the rest use η = 0 like the evaluation "
                 "sampler. null = η = 1 on every step."})
@@ -72,6 +73,8 @@ class DemoConfig:
         if self.train_fraction is not None and int(self.train_fraction * self.steps) < 1:
             raise ValueError(f"train_fraction {self.train_fraction} of {self.steps} steps trains none; raise it to "
                              f">= {1 / self.steps:.3g} or use more steps.")
+        if self.eta <= 0:
+            raise ValueError(f"eta ({self.eta}) must be > 0: a deterministic rollout has no log-probs to train on.")
         if self.iterations < 1 or self.eval_heldin < 0 or self.eval_heldout < 0:
             raise ValueError("iterations must be >= 1 and eval_heldin / eval_heldout >= 0.")
         if self.eval_heldin + self.eval_heldout == 0:
@@ -127,7 +130,7 @@ def train_config(config: DemoConfig, align_file: Path, run_dir: Path) -> Any:
                   "lora_alpha": float(max(config.lora_rank, 1))},
         "sample": {"prompts": str(align_file), "prompts_per_step": config.prompts_per_step,
                    "images_per_prompt": config.images_per_prompt, "steps": config.steps, "guidance": config.guidance,
-                   "eta": 1.0, "train_steps_per_update": config.train_steps_per_update,
+                   "eta": config.eta, "train_steps_per_update": config.train_steps_per_update,
                    "sde_window": config.sde_window,
                    # The last DDIM step lands on alpha = 1 (set_alpha_to_one): its std is 0 and its log-prob NaN,
                    # which turns the LoRA weights NaN after one update; train on the stochastic steps only.
