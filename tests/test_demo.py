@@ -48,6 +48,21 @@ def test_config_rejects_an_empty_evaluation():
         DemoConfig(eta=0.0)  # a deterministic rollout has no log-probs to train on
 
 
+def test_command_line_knobs_reach_the_training_config(tmp_path):
+    from visalign.cli import build_parser
+    from visalign.shapes.demo import train_config
+
+    args = build_parser().parse_args(["demo", "--eta", "0.3", "--sde-window", "0", "3", "--lora-targets",
+                                      "attn2.to_k", "attn2.to_v"])
+    config = DemoConfig(eta=args.eta, sde_window=args.sde_window, lora_targets=args.lora_targets)
+    train = train_config(config, tmp_path / "align.txt", tmp_path)
+    assert train.sample.eta == 0.3 and train.sample.sde_window == [0, 3]
+    assert train.model.lora_targets == ["attn2.to_k", "attn2.to_v"]
+    defaults = train_config(DemoConfig(), tmp_path / "align.txt", tmp_path)
+    assert defaults.sample.eta == 1.0 and defaults.sample.sde_window is None
+    assert defaults.model.lora_targets == ["to_q", "to_k", "to_v", "to_out.0"]
+
+
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory):
     from visalign.shapes.build_proxies import torch_threads

@@ -36,6 +36,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     for name, kind in FLAGS.items():
         spec = defaults[name]
         p.add_argument("--" + name.replace("_", "-"), type=kind, default=spec.default, help=spec.metadata["help"])
+    p.add_argument("--lora-targets", nargs="+", metavar="NAME", default=defaults["lora_targets"].default_factory(),
+                   help=defaults["lora_targets"].metadata["help"])
     p.add_argument("--sde-window", nargs=2, type=int, metavar=("START", "STOP"),
                    default=defaults["sde_window"].default, help=defaults["sde_window"].metadata["help"])
     p.add_argument("--objective-params", default="{}", help="Objective hyper-parameters as JSON, e.g. "
@@ -56,7 +58,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         params = json.loads(args.objective_params)
         config = DemoConfig(**{name: getattr(args, name) for name in FLAGS}, objective_params=params,
-                            sde_window=args.sde_window, output_dir=args.out)
+                            sde_window=args.sde_window, lora_targets=args.lora_targets, output_dir=args.out)
         result = run_demo(config)
     except (ValueError, FileNotFoundError, json.JSONDecodeError) as err:
         print(f"visalign demo: {err}", file=sys.stderr)

@@ -57,6 +57,8 @@ class DemoConfig:
     guidance: float = field(default=4.0, metadata={"help": "Classifier-free guidance scale."})
     lr: float = field(default=1e-3, metadata={"help": "AdamW learning rate of the LoRA weights."})
     lora_rank: int = field(default=8, metadata={"help": "LoRA rank (0 = full fine-tune)."})
+    lora_targets: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"], metadata={
+        "help": "UNet layer names that get LoRA adapters (e.g. attn2.to_k attn2.to_v: cross-attention only)."})
     align_kinds: list[str] = field(default_factory=lambda: ["count", "relation"], metadata={
         "help": "Prompt kinds aligned on (singles are almost always right, so their groups carry no signal)."})
     eval_heldin: int = field(default=48, metadata={"help": "Held-in evaluation prompts (first N of heldin_eval)."})
@@ -127,7 +129,8 @@ def train_config(config: DemoConfig, align_file: Path, run_dir: Path) -> Any:
         terms.append({"scorer": "shapes-oracle", "weight": 0.0, "name": ORACLE_TERM})
     data = {
         "model": {"model": str(resolve_asset(config.base_model)), "lora_rank": config.lora_rank,
-                  "lora_alpha": float(max(config.lora_rank, 1))},
+                  "lora_alpha": float(max(config.lora_rank, 1)),
+                  "lora_targets": list(config.lora_targets)},
         "sample": {"prompts": str(align_file), "prompts_per_step": config.prompts_per_step,
                    "images_per_prompt": config.images_per_prompt, "steps": config.steps, "guidance": config.guidance,
                    "eta": config.eta, "train_steps_per_update": config.train_steps_per_update,
