@@ -102,12 +102,13 @@ class DemoPrompts:
 
 def demo_prompts(config: DemoConfig) -> DemoPrompts:
     """Alignment prompts (training compositions of ``align_kinds``) disjoint from the evaluation compositions."""
+    from visalign.shapes.evaluate import EVAL_SET_FILES
     from visalign.shapes.grammar import parse_prompt
     from visalign.shapes.prompt_sets import read_prompt_set
 
     folder = resolve_asset(config.prompts_dir)
-    eval_sets = {"heldin": read_prompt_set(folder / "heldin_eval.txt")[: config.eval_heldin],
-                 "heldout": read_prompt_set(folder / "heldout_compositions.txt")[: config.eval_heldout]}
+    sizes = {"heldin": config.eval_heldin, "heldout": config.eval_heldout}
+    eval_sets = {name: read_prompt_set(folder / file)[: sizes[name]] for name, file in EVAL_SET_FILES.items()}
     eval_sets = {k: v for k, v in eval_sets.items() if v}
     evaluated = {parse_prompt(p) for prompts in eval_sets.values() for p in prompts}
     align = [p for p in read_prompt_set(folder / "train.txt")

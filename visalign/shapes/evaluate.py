@@ -23,7 +23,9 @@ class EvalConfig:
     """How a pipeline folder is sampled for oracle evaluation."""
 
     guidance: float = field(default=4.0, metadata={"help": "Classifier-free guidance scale."})
-    steps: int = field(default=20, metadata={"help": "DDIM steps (η = 0)."})
+    steps: int = field(default=20, metadata={"help": "DDIM steps."})
+    eta: float = field(default=0.0, metadata={"help": "DDIM η: 0 is the deterministic sampler; 1 the stochastic "
+                                                      "one GRPO rollouts train (noise seeded per prompt too)."})
     seed: int = field(default=1234, metadata={"help": "Prompt i is sampled with torch seed SEED + i."})
     batch_size: int = field(default=64, metadata={"help": "Prompts sampled together (memory vs speed)."})
     num_frames: int | None = field(default=None, metadata={"help": "Frames per clip (video pipelines only)."})
@@ -45,11 +47,17 @@ def sample_pipeline(pipeline: Any, prompts: Sequence[str], config: EvalConfig) -
                                   "generator": generators, "output_type": "np"}
         if config.num_frames is not None:
             kwargs["num_frames"] = config.num_frames
+        if config.eta:
+            kwargs["eta"] = config.eta
         out = pipeline(chunk, **kwargs)
         media = np.asarray(out.frames if hasattr(out, "frames") else out.images, dtype=np.float32)
         # diffusers returns channels-last: images [B, H, W, 3], videos [B, T, H, W, 3].
         chunks.append(np.moveaxis(media, -1, -3))
     return np.clip(np.concatenate(chunks), 0.0, 1.0)
+
+
+# Evaluation set name → shipped prompt file (``assets/shapes/prompts``).
+EVAL_SET_FILES = {"heldin": "heldin_eval.txt", "heldout": "heldout_compositions.txt"}
 
 
 def summarise(media: np.ndarray, prompts: Sequence[str]) -> dict[str, Any]:
@@ -87,7 +95,7 @@ def evaluate_folder(folder: str | Path, prompt_sets: dict[str, Sequence[str]], c
 
     config = config or EvalConfig()
     if pipeline is None:
-        pipeline = DiffusionPipeline.from_pretrained(str(folder), torch_dtype=torch.float32)
+        pipeline = DiffusionPipeline.from_pretrained(str(folder), dtype=torch.float32)
     pipeline.set_progress_bar_config(disable=True)
     return {name: summarise(sample_pipeline(pipeline, prompts, config), prompts)
             for name, prompts in prompt_sets.items()}
