@@ -10,6 +10,7 @@ import argparse
 import dataclasses
 import json
 import sys
+from pathlib import Path
 
 EPILOG = """examples:
   visalign demo                                   # shapes-clip proxy, GRPO + LoRA, report in runs/demo/
@@ -67,4 +68,7 @@ def run(args: argparse.Namespace) -> int:
         before, after = numbers["oracle_all"]
         print(f"{name}: oracle accuracy {100 * before:.1f}% → {100 * after:.1f}% "
               f"({100 * (after - before):+.1f} pts); proxy {numbers['proxy'][0]:.3f} → {numbers['proxy'][1]:.3f}")
+    final = Path(args.out) / "train" / "final"
+    print(f"grade the training sampler (η = {args.eta}, {args.steps} steps) on more prompts: visalign shapes eval "
+          f"--lora {final} --eta {args.eta} --steps {args.steps} --prompts 192")
     return 0
