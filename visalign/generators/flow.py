@@ -35,6 +35,7 @@ from visalign.generators.denoising_loss import (
     flow_noised_and_target,
 )
 from visalign.generators.flow_sde import LOGP_MODES, SDE_MODES, sde_step
+from visalign.generators.rollout import check_sde_window, sde_window_mask
 from visalign.media import from_vae_range
 
 
@@ -78,9 +79,7 @@ class FlowMatchingAdapter(GeneratorAdapter):
                 raise ValueError(f"Unknown logp_mode {logp_mode!r}; use one of {LOGP_MODES}.")
             self.logp_mode = logp_mode
         if window != "keep":
-            if window is not None and not (0 <= window[0] < window[1]):
-                raise ValueError(f"SDE window {window} must be (start, stop) with 0 <= start < stop.")
-            self.sde_window = window
+            self.sde_window = check_sde_window(window)
         return self
 
     # -- schedule --
@@ -127,14 +126,7 @@ class FlowMatchingAdapter(GeneratorAdapter):
         if len(sigmas) != len(timesteps) + 1:
             raise ValueError(f"Scheduler returned {len(sigmas)} sigmas for {len(timesteps)} timesteps; expected one "
                              "more sigma than timesteps (FlowMatchEulerDiscreteScheduler).")
-        mask = torch.ones(len(timesteps), device=self.device)
-        if self.sde_window is not None:
-            start, stop = self.sde_window
-            if stop > len(timesteps):
-                raise ValueError(f"SDE window {self.sde_window} exceeds the {len(timesteps)} sampling steps.")
-            mask.zero_()
-            mask[start:stop] = 1.0
-        return timesteps, {"sigmas": sigmas, "sde_mask": mask}
+        return timesteps, {"sigmas": sigmas, "sde_mask": sde_window_mask(self.sde_window, len(timesteps), self.device)}
 
     # -- the flow-matching training loss (denoising_loss) --
     def training_timesteps(self, latents: Tensor, generator: GeneratorLike) -> Tensor:

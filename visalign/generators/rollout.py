@@ -241,6 +241,25 @@ def select_train_steps(num_steps: int, *, fraction: float | None = None,
     return list(range(count))
 
 
+def check_sde_window(window: tuple[int, int] | None) -> tuple[int, int] | None:
+    """Validate an SDE window (half-open ``(start, stop)`` step range, or None) before any rollout uses it."""
+    if window is not None and not (0 <= window[0] < window[1]):
+        raise ValueError(f"SDE window {window} must be (start, stop) with 0 <= start < stop.")
+    return None if window is None else (int(window[0]), int(window[1]))
+
+
+def sde_window_mask(window: tuple[int, int] | None, num_steps: int, device: torch.device | str) -> Tensor:
+    """float32 ``[S]``: 1 on the steps sampled with noise, 0 on the deterministic ones (all ones without a window)."""
+    mask = torch.ones(num_steps, device=device)
+    if window is not None:
+        start, stop = window
+        if stop > num_steps:
+            raise ValueError(f"SDE window {window} exceeds the {num_steps} sampling steps.")
+        mask.zero_()
+        mask[start:stop] = 1.0
+    return mask
+
+
 def gaussian_log_prob(sample: Tensor, mean: Tensor, std: Tensor) -> tuple[Tensor, Tensor]:
     """Per-sample log-density of ``sample`` under ``N(mean, std²)``, reduced over non-batch dims.
 

@@ -31,6 +31,7 @@ from visalign.generators.denoising_loss import (
     ddpm_noised_and_target,
     draw_ddpm_timesteps,
 )
+from visalign.generators.rollout import check_sde_window, sde_window_mask
 from visalign.media import from_vae_range
 
 
@@ -63,9 +64,7 @@ class DDIMUNetAdapter(GeneratorAdapter):
         Returns:
             ``self``, for chaining.
         """
-        if window is not None and not (0 <= window[0] < window[1]):
-            raise ValueError(f"SDE window {window} must be (start, stop) with 0 <= start < stop.")
-        self.sde_window = None if window is None else (int(window[0]), int(window[1]))
+        self.sde_window = check_sde_window(window)
         return self
 
     # -- schedule --
@@ -77,14 +76,7 @@ class DDIMUNetAdapter(GeneratorAdapter):
         scheduler.set_timesteps(steps, device=self.device)
         timesteps = scheduler.timesteps.clone()
         prev = timesteps - scheduler.config.num_train_timesteps // steps
-        eta_scale = torch.ones(steps, device=self.device)
-        if self.sde_window is not None:
-            start, stop = self.sde_window
-            if stop > steps:
-                raise ValueError(f"SDE window {self.sde_window} exceeds the {steps} sampling steps.")
-            eta_scale.zero_()
-            eta_scale[start:stop] = 1.0
-        return timesteps, {"prev_timesteps": prev, "eta_scale": eta_scale}
+        return timesteps, {"prev_timesteps": prev, "eta_scale": sde_window_mask(self.sde_window, steps, self.device)}
 
     # -- the denoiser --
     def denoise(self, latents: Tensor, timesteps: Tensor, condition: Condition, guidance: float) -> Tensor:

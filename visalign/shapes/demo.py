@@ -52,8 +52,8 @@ class DemoConfig:
         "help": "Train only the first ⌊f·steps⌋ (high-noise) steps; null = every stochastic step."})
     eta: float = field(default=1.0, metadata={"help": "DDIM η of the training rollouts (> 0; the evaluation uses 0)."})
     sde_window: list[int] | None = field(default=None, metadata={
-        "help": "[start, stop) of the training steps sampled with η = 1; the rest use η = 0 like the evaluation "
-                "sampler. null = η = 1 on every step."})
+        "help": "[start, stop) of the training steps sampled with η; the rest use η = 0 like the evaluation "
+                "sampler. null = η on every step."})
     guidance: float = field(default=4.0, metadata={"help": "Classifier-free guidance scale."})
     lr: float = field(default=1e-3, metadata={"help": "AdamW learning rate of the LoRA weights."})
     lora_rank: int = field(default=8, metadata={"help": "LoRA rank (0 = full fine-tune)."})
