@@ -15,8 +15,8 @@ pulled toward D+ and away from D− relative to a reference (arXiv 2504.15217; t
 ℓ is the adapter's per-sample ``denoising_loss`` (mean-over-elements MSE, conditional branch) on the rollout's final
 latents. The reference is the model before training (``reference: base``): the LoRA-disabled model, or for a full
 fine-tune a frozen copy of the trainable weights taken at this process's first update (Diffusion-DPO's frozen
-reference UNet; a run resumed from a checkpoint takes it from the resumed weights, as objectives keep no checkpointed
-state — use LoRA where a resume must replay exactly). ``reference: old`` is the rollout snapshot θ_old: θ = θ_old when
+reference UNet; checkpoints carry it through :meth:`state_tensors`, so a resumed run keeps the original copy).
+``reference: old`` is the rollout snapshot θ_old: θ = θ_old when
 the update starts, so the first step's DPO loss is log 2 and its KTO ``g`` is 0 — every rollout, so with one inner
 step nothing anchors the model and the surrogate keeps raising the denoising error on D− (measured on the tiny SD of
 tests/objectives/test_acceptance.py). The ``(t, ε)`` draws and the reference losses are made once per rollout.
