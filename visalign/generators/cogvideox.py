@@ -150,7 +150,8 @@ class CogVideoXAdapter(GeneratorAdapter):
             scheduler.alphas_cumprod, scheduler.final_alpha_cumprod, eta=plan.eta, prediction_type="v_prediction",
             clip_sample_range=scheduler.config.clip_sample_range if scheduler.config.clip_sample else None,
             prev_sample=prev_sample, noise=noise)
-        return StepOutput(step.prev_sample, step.mean, step.std, step.log_prob_mean, step.log_prob_sum)
+        return StepOutput(step.prev_sample, step.mean, step.std, step.log_prob_mean, step.log_prob_sum,
+                          step.pred_original_sample)
 
     def decode(self, latents: Tensor, *, grad: bool = False) -> Tensor:
         """``[B, F', C, h, w]`` latents → float32 videos ``[B, F, 3, H, W]`` in [0, 1]."""

@@ -83,6 +83,8 @@ class StepOutput:
         std: the policy std, float32, broadcastable to ``mean`` (``[B, 1, ...]``); 0 for a deterministic step.
         log_prob_mean: float32 ``[B]``, per-element log-density averaged over non-batch dims (NaN if std = 0).
         log_prob_sum: float32 ``[B]``, the true log-density (``D · log_prob_mean``).
+        x0: float32 ``[B, ...]``, the denoiser's one-step estimate of the clean latents at this step (ReFL decodes
+            it); None for a family that does not report it.
     """
 
     prev_sample: Tensor
@@ -90,6 +92,7 @@ class StepOutput:
     std: Tensor
     log_prob_mean: Tensor
     log_prob_sum: Tensor
+    x0: Tensor | None = None
 
 
 @dataclass

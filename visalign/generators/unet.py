@@ -127,7 +127,8 @@ class DDIMUNetAdapter(GeneratorAdapter):
             prediction_type=config.prediction_type,
             clip_sample_range=config.clip_sample_range if config.clip_sample else None,
             prev_sample=prev_sample, noise=noise)
-        return StepOutput(step.prev_sample, step.mean, step.std, step.log_prob_mean, step.log_prob_sum)
+        return StepOutput(step.prev_sample, step.mean, step.std, step.log_prob_mean, step.log_prob_sum,
+                          step.pred_original_sample)
 
     # -- sizes --
     def default_resolution(self) -> tuple[int, int]:

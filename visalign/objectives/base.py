@@ -59,12 +59,16 @@ class UpdateContext:
         optimizer_step: clip gradients, step the optimizer, the LR schedule and the EMA, zero the gradients;
             returns the pre-clip global grad norm.
         generator: a seeded CPU generator for the objective's own randomness (so resumes replay it exactly).
+        reward: the training reward as a differentiable function ``(media [B, ...] in [0, 1], prompts, metadata)
+            → float32 [B]`` that keeps the graph back to ``media``; set only for objectives that declare
+            ``needs_reward_grad`` (reward backprop).
     """
 
     adapter: GeneratorAdapter
     train_steps: Sequence[int]
     optimizer_step: Callable[[], float]
     generator: torch.Generator
+    reward: Callable[[Tensor, list[str], list[Any] | None], Tensor] | None = None
 
 
 class Objective:
@@ -72,6 +76,10 @@ class Objective:
 
     name: ClassVar[str] = "objective"
     Params: ClassVar[type] = object
+    # Policy-gradient objectives train on the rollout's stochastic steps; reward backprop needs none (it may sample
+    # with η = 0) but needs the reward's gradient instead.
+    needs_log_probs: ClassVar[bool] = True
+    needs_reward_grad: ClassVar[bool] = False
 
     def __init__(self, params: dict[str, Any] | None = None) -> None:
         from visalign.config import from_dict
@@ -100,11 +108,16 @@ OBJECTIVES: Registry[type[Objective]] = Registry("objective", builtin={
     "prdp": "visalign.objectives.prdp:PrdpObjective",
     "dragon": "visalign.objectives.dragon:DragonObjective",
     "raft": "visalign.objectives.raft:RaftObjective",
+    "reward-backprop": "visalign.objectives.reward_backprop:RewardBackpropObjective",
+    "draft": "visalign.objectives.reward_backprop:DraftObjective",
+    "alignprop": "visalign.objectives.reward_backprop:AlignPropObjective",
+    "refl": "visalign.objectives.reward_backprop:ReflObjective",
 })
 
 
 def build_objective(name: str, params: dict[str, Any] | None = None) -> Objective:
-    """An objective by id (``grpo``, ``prdp``, ``dragon``, ``raft``) or ``"pkg.module:Class"``."""
+    """An objective by id (``grpo``, ``prdp``, ``dragon``, ``raft``, ``draft``, ``alignprop``, ``refl``) or
+    ``"pkg.module:Class"``."""
     return OBJECTIVES.get(name)(params)
 
 

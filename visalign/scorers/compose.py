@@ -172,8 +172,16 @@ class RewardSpec:
 
     @property
     def differentiable(self) -> bool:
-        """True when every scorer is differentiable (required for ``grad=True``)."""
-        return all(s.differentiable for s in self.scorers.values())
+        """True when every term that carries weight is differentiable (required for ``grad=True``)."""
+        return not self.blocking_terms()
+
+    def blocking_terms(self) -> list[str]:
+        """Names of the weighted terms whose scorer cannot return gradients (they block ``grad=True``).
+
+        A zero-weight term (a monitor, e.g. the oracle beside a proxy) is scored without a graph instead.
+        """
+        return [name for (name, scorer), w in zip(self.scorers.items(), self.weights.tolist(), strict=True)
+                if w != 0 and not scorer.differentiable]
 
     def __call__(self, batch: ScoreBatch, group_ids: Sequence[Any] | Tensor | None = None, *, grad: bool = False,
                  ref_rewards: dict[str, Tensor] | None = None) -> RewardOutput:
@@ -182,7 +190,8 @@ class RewardSpec:
         Args:
             batch: the samples (media in [0, 1], ``[B, 3, H, W]`` or ``[B, T, 3, H, W]``) and their prompts.
             group_ids: one id per sample (e.g. ``batch.prompts``); samples sharing an id form a group.
-            grad: keep the graph from ``total`` back to ``batch.media`` (every scorer must be differentiable).
+            grad: keep the graph from ``total`` back to ``batch.media``; every weighted term must be differentiable
+                (zero-weight terms are scored without a graph).
             ref_rewards: term name → reference rewards ``[B]`` or ``[B, M]`` for ``centred``/``log-sigmoid``/
                 ``par`` transforms; otherwise read from ``batch.metadata[i]["ref_rewards"][name]``.
 
@@ -192,11 +201,15 @@ class RewardSpec:
         n = len(batch)
         if group_ids is not None:
             group_index(group_ids, n)  # validate the length before any scorer runs
+        if grad and self.blocking_terms():
+            raise ValueError(f"grad=True needs differentiable reward terms; {self.blocking_terms()} cannot return "
+                             "gradients to the pixels. Give them weight 0 or use a differentiable scorer "
+                             "(e.g. a CLIP or embedding-head card).")
         raw: dict[str, Tensor] = {}
         per_scorer: dict[str, Tensor] = {}
         extras: dict[str, Tensor] = {}
         for name, scorer in self.scorers.items():
-            out = scorer(batch, grad=grad)
+            out = scorer(batch, grad=grad and scorer.differentiable)
             raw[name] = out.reward
             reference = self._reference(name, batch, ref_rewards) if self.transforms[name].needs_reference else None
             per_scorer[name] = self.transforms[name](out.reward, reference)

@@ -50,7 +50,9 @@ class DemoConfig:
     # on the shapes base; assets/shapes/README.md, Demo).
     train_fraction: float | None = field(default=0.3, metadata={
         "help": "Train only the first ⌊f·steps⌋ (high-noise) steps; null = every stochastic step."})
-    eta: float = field(default=1.0, metadata={"help": "DDIM η of the training rollouts (> 0; the evaluation uses 0)."})
+    eta: float = field(default=1.0, metadata={
+        "help": "DDIM η of the training rollouts (> 0 for policy gradients; 0 for reward backprop; the evaluation "
+                "uses 0)."})
     sde_window: list[int] | None = field(default=None, metadata={
         "help": "[start, stop) of the training steps sampled with η; the rest use η = 0 like the evaluation "
                 "sampler. null = η on every step."})
@@ -75,8 +77,9 @@ class DemoConfig:
         if self.train_fraction is not None and int(self.train_fraction * self.steps) < 1:
             raise ValueError(f"train_fraction {self.train_fraction} of {self.steps} steps trains none; raise it to "
                              f">= {1 / self.steps:.3g} or use more steps.")
-        if self.eta <= 0:
-            raise ValueError(f"eta ({self.eta}) must be > 0: a deterministic rollout has no log-probs to train on.")
+        if self.eta < 0 or (self.eta == 0 and _needs_log_probs(self.objective)):
+            raise ValueError(f"eta ({self.eta}) must be > 0 for {self.objective!r}: a deterministic rollout has no "
+                             "log-probs to train on (reward backprop objectives such as draft take eta 0).")
         if self.iterations < 1 or self.eval_heldin < 0 or self.eval_heldout < 0:
             raise ValueError("iterations must be >= 1 and eval_heldin / eval_heldout >= 0.")
         if self.eval_heldin + self.eval_heldout == 0:
@@ -84,6 +87,12 @@ class DemoConfig:
         bad = set(self.align_kinds) - {"single", "count", "relation"}
         if bad or not self.align_kinds:
             raise ValueError(f"align_kinds {self.align_kinds} must be a non-empty subset of single, count, relation.")
+
+
+def _needs_log_probs(objective: str) -> bool:
+    from visalign.objectives.base import OBJECTIVES
+
+    return OBJECTIVES.get(objective).needs_log_probs
 
 
 def resolve_asset(path: str | Path) -> Path:

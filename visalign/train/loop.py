@@ -88,6 +88,11 @@ class Trainer:
                                               "advantage": config.reward.advantage, "device": device})
         self.eval_reward = (RewardSpec.from_config({"terms": config.eval.scorers, "device": device})
                             if config.eval.scorers else self.reward)
+        if self.objective.needs_reward_grad and not self.reward.differentiable:
+            raise ValueError(f"objective {config.objective.name!r} backpropagates the reward, but reward term(s) "
+                             f"{self.reward.blocking_terms()} cannot return gradients to the pixels; use "
+                             "differentiable scorers (CLIP, embedding heads; `visalign scorers` lists them) or give "
+                             "those terms weight 0.")
         torch.manual_seed(config.run.seed)  # the same on every process: LoRA initialises identically
         self.adapter = load_generator(m.model, dtype=m.dtype, device=device)
         if config.sample.sde_window is not None:
@@ -184,6 +189,8 @@ class Trainer:
         ᾱ = 1, CPS's last step, an ODE step outside an SDE window); training on it would turn the weights into NaN.
         """
         s = self.config.sample
+        if not self.objective.needs_log_probs:  # reward backprop picks its own steps and may sample with η = 0
+            return select_train_steps(rollout.num_steps, fraction=s.train_fraction)
         stochastic = set(stochastic_steps(rollout))
         steps = [j for j in select_train_steps(rollout.num_steps, fraction=s.train_fraction) if j in stochastic]
         if not steps:
@@ -199,7 +206,8 @@ class Trainer:
         """The objective's gradient steps on one scored rollout; returns its metrics (loss, clipfrac, grad_norm...)."""
         self.adapter.denoiser.train(False)  # dropout stays off: it would break the ratio-1 invariant
         ctx = UpdateContext(self.adapter, self.train_steps(scored.batch.rollout), self.grad_sync.micro_step,
-                            torch.Generator().manual_seed(self._seed(3)))
+                            torch.Generator().manual_seed(self._seed(3)),
+                            reward=self.reward_with_grad if self.objective.needs_reward_grad else None)
         self.grad_sync.norms = []
         metrics = self.objective.update(scored.batch, ctx)
         self.grad_sync.flush()
@@ -207,6 +215,13 @@ class Trainer:
         if norms:  # the steps actually taken (accumulating calls return NaN to the objective)
             metrics["grad_norm"] = sum(norms) / len(norms)
         return metrics
+
+    def reward_with_grad(self, media: torch.Tensor, prompts: list[str], metadata: list[Any] | None = None
+                         ) -> torch.Tensor:
+        """The training reward's total ``[B]`` with the graph back to ``media`` (reward backprop). Running
+        transform statistics are left as the rollout's scoring set them: this re-scores the same samples."""
+        with _frozen_transforms(self.reward):
+            return self.reward(ScoreBatch(prompts=list(prompts), media=media, metadata=metadata), grad=True).total
 
     def _optimizer_step(self) -> float:
         """Clip, step the optimizer, LR schedule and EMA, zero the gradients (called by :class:`GradientSync` with
