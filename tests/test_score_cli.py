@@ -150,3 +150,11 @@ def test_scorer_needing_prompts_without_prompts(tmp_path, capsys):
     err = run_error(["score", "--scorer", "clip-vit-b32", "--images", str(folder), "--out", str(tmp_path / "s.csv")],
                     capsys)
     assert "needs prompts" in err and "--prompts" in err
+
+
+def test_bare_scorers_command_lists_every_card(capsys):
+    assert main(["scorers"]) == 0
+    listed = capsys.readouterr().out
+    assert "shapes-clip" in listed and "differentiable" in listed
+    assert main(["scorers", "list", "--modality", "text"]) == 0
+    assert "shapes-clip" not in capsys.readouterr().out

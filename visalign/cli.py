@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 COMMANDS: dict[str, str] = {
@@ -39,7 +40,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
-    return int(importlib.import_module(COMMANDS[args.command]).run(args) or 0)
+    try:
+        return int(importlib.import_module(COMMANDS[args.command]).run(args) or 0)
+    except BrokenPipeError:  # `visalign scorers | head`: the reader left; not an error of ours
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 -- keeps the interpreter's final flush quiet
+        return 0
 
 
 if __name__ == "__main__":

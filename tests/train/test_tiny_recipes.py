@@ -14,7 +14,7 @@ from visalign.train.config import load_train_config
 from visalign.train.logging import read_metrics
 
 
-@pytest.mark.parametrize("objective", ["prdp", "dragon", "raft"])
+@pytest.mark.parametrize("objective", ["prdp", "dragon", "raft", "draft"])
 def test_tiny_recipe_trains(objective, tiny_sd, tmp_path):
     from safetensors.torch import load_file
 

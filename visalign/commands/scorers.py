@@ -34,7 +34,9 @@ def run(args: argparse.Namespace) -> int:
     rows = []
     for name in list_scorers():
         card = scorer_card(name)
-        if args.modality and card.modality != args.modality:
+        # Bare ``visalign scorers`` (no action) lists everything, like ``list`` without a filter.
+        modality = getattr(args, "modality", None)
+        if modality and card.modality != modality:
             continue
         rows.append([card.id, card.modality, card.kind, "yes" if card.differentiable else "no",
                      ",".join(card.needs) or "-", card.weights_source])
