@@ -17,7 +17,7 @@ complete checkpoint; --no-resume starts over.
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("train", help="Fine-tune a generator against rewards (GRPO, PRDP, DRAGON, RAFT, reward backprop).",
+    p = sub.add_parser("train", help="Fine-tune a generator against rewards (GRPO, PRDP, DRAGON, RAFT, DRaFT...).",
                        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
                        description="Online reward fine-tuning: rollout → score → advantages → objective update.")
     p.add_argument("recipe", nargs="?", help="A YAML recipe (see pipelines/).")
