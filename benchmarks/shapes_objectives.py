@@ -54,6 +54,12 @@ OBJECTIVES: dict[str, dict[str, Any]] = {
     # Parrot-style multi-reward GRPO: only the batch's non-dominated samples over the reward terms carry the
     # update, which needs at least two terms, hence its own two-proxy reward.
     "pareto": {"objective": "grpo", "params": {}, "recipe": {}, "pareto": True, "rewards": ["clip+vlm"]},
+    # Reward backprop needs a differentiable reward (the oracle is not) and samples with the deterministic sampler
+    # the evaluation uses; 4 × 4 samples per iteration, since each one carries a graph through the chain.
+    "draft": {"objective": "draft", "params": {"k": 0, "checkpoint_steps": False},
+              "recipe": {"eta": 0.0, "prompts_per_step": 4, "images_per_prompt": 4}, "rewards": ["clip"]},
+    "alignprop": {"objective": "alignprop", "params": {"checkpoint_steps": False},
+                  "recipe": {"eta": 0.0, "prompts_per_step": 4, "images_per_prompt": 4}, "rewards": ["clip"]},
 }
 
 # Per reward: the reward.terms of the training loop; "uncertainty_weights" multiplies each sample's loss by the
@@ -70,7 +76,7 @@ REWARDS: dict[str, dict[str, Any]] = {
 }
 DEFAULT_REWARDS = ("oracle", "clip", "vlm", "ensemble", "uncertainty")
 RECIPE_KEYS = ("lr", "iterations", "prompts_per_step", "images_per_prompt", "steps", "train_steps_per_update",
-               "train_fraction", "guidance", "lora_rank", "align_kinds")
+               "train_fraction", "eta", "guidance", "lora_rank", "align_kinds")
 ORACLE = "shapes-oracle"
 
 # ---------------------------------------------------------------- one cell
@@ -338,7 +344,7 @@ def plot_overoptimisation(cells: list[dict[str, Any]], out: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    markers = dict(zip(OBJECTIVES, "osD^v", strict=True))
+    markers = dict(zip(OBJECTIVES, "osD^vPX", strict=True))
     rewards = sorted({c["reward"] for c in cells})
     colours = {r: plt.get_cmap("tab10")(i % 10) for i, r in enumerate(rewards)}
     fig, axes = plt.subplots(1, 2, figsize=(10, 4.2))

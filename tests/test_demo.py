@@ -46,6 +46,7 @@ def test_config_rejects_an_empty_evaluation():
         DemoConfig(steps=3)  # the default fraction trains ⌊0.9⌋ = 0 steps: said before any model loads
     with pytest.raises(ValueError, match="eta"):
         DemoConfig(eta=0.0)  # a deterministic rollout has no log-probs to train on
+    assert DemoConfig(eta=0.0, objective="draft").eta == 0.0  # reward backprop trains on the deterministic sampler
 
 
 def test_command_line_knobs_reach_the_training_config(tmp_path):
@@ -53,10 +54,15 @@ def test_command_line_knobs_reach_the_training_config(tmp_path):
     from visalign.shapes.demo import train_config
 
     args = build_parser().parse_args(["demo", "--eta", "0.3", "--sde-window", "0", "3", "--lora-targets",
-                                      "attn2.to_k", "attn2.to_v"])
-    config = DemoConfig(eta=args.eta, sde_window=args.sde_window, lora_targets=args.lora_targets)
+                                      "attn2.to_k", "attn2.to_v", "--set", "optim.betas=[0.98, 0.999]",
+                                      "--set", "objective.params.beta=0.1"])
+    config = DemoConfig(eta=args.eta, sde_window=args.sde_window, lora_targets=args.lora_targets,
+                        train_overrides=args.train_overrides)
     train = train_config(config, tmp_path / "align.txt", tmp_path)
     assert train.sample.eta == 0.3 and train.sample.sde_window == [0, 3]
+    assert tuple(train.optim.betas) == (0.98, 0.999) and train.objective.params == {"beta": 0.1}
+    with pytest.raises(ValueError, match="optim.beta"):  # a misspelt key is named, with the close match
+        train_config(DemoConfig(train_overrides=["optim.beta=[0.9, 0.99]"]), tmp_path / "align.txt", tmp_path)
     assert train.model.lora_targets == ["attn2.to_k", "attn2.to_v"]
     defaults = train_config(DemoConfig(), tmp_path / "align.txt", tmp_path)
     assert defaults.sample.eta == 1.0 and defaults.sample.sde_window is None

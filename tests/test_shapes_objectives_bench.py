@@ -128,5 +128,5 @@ def test_reward_table_drives_the_train_config(bench, tmp_path):
     assert config.optim.lr == 1e-3 and config.eval.every == 3 and config.eval.max_prompts == 16
     with pytest.raises(ValueError, match="unknown key"):
         bench.resolve_recipe("grpo", {"learning_rate": 1e-3})
-    with pytest.raises(SystemExit, match="close: \\['raft'\\]"):
+    with pytest.raises(SystemExit, match="close: .*'raft'"):
         bench.parse_args(["--objectives", "raf"])

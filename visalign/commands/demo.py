@@ -43,6 +43,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    default=defaults["sde_window"].default, help=defaults["sde_window"].metadata["help"])
     p.add_argument("--objective-params", default="{}", help="Objective hyper-parameters as JSON, e.g. "
                                                              "'{\"clip_range\": 0.2}'.")
+    p.add_argument("--set", dest="train_overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help=defaults["train_overrides"].metadata["help"] + " Repeat for several.")
     p.add_argument("--out", default="runs/demo", help="Run folder; report.html is written there.")
     p.add_argument("--threads", type=int, default=1,
                    help="torch intra-op threads; 0 keeps torch's default. 1 by default: on a 2-core machine shared "
@@ -59,9 +61,10 @@ def run(args: argparse.Namespace) -> int:
     try:
         params = json.loads(args.objective_params)
         config = DemoConfig(**{name: getattr(args, name) for name in FLAGS}, objective_params=params,
-                            sde_window=args.sde_window, lora_targets=args.lora_targets, output_dir=args.out)
+                            sde_window=args.sde_window, lora_targets=args.lora_targets,
+                            train_overrides=args.train_overrides, output_dir=args.out)
         result = run_demo(config)
-    except (ValueError, FileNotFoundError, json.JSONDecodeError) as err:
+    except (ValueError, FileNotFoundError, json.JSONDecodeError) as err:  # ConfigError is a ValueError
         print(f"visalign demo: {err}", file=sys.stderr)
         return 2
     for name, numbers in result.summary()["sets"].items():

@@ -68,6 +68,9 @@ class DemoConfig:
     eval_steps: int = field(default=20, metadata={"help": "DDIM steps of the η = 0 evaluation samples."})
     grid_prompts: int = field(default=16, metadata={"help": "Prompts per set shown before/after in the report."})
     seed: int = field(default=0, metadata={"help": "Seed of the alignment run (prompts, noise)."})
+    train_overrides: list[str] = field(default_factory=list, metadata={
+        "help": "section.key=value overrides of the alignment's training config, applied last, e.g. "
+                "optim.betas=[0.98,0.999] (keys as in `visalign train --help-config`)."})
     eval_seed: int = field(default=1234, metadata={"help": "Seed of the evaluation noise (same before and after)."})
     output_dir: str = field(default="runs/demo", metadata={"help": "Run folder; report.html is written here."})
 
@@ -130,7 +133,7 @@ def demo_prompts(config: DemoConfig) -> DemoPrompts:
 
 def train_config(config: DemoConfig, align_file: Path, run_dir: Path) -> Any:
     """The :class:`~visalign.train.config.TrainConfig` of the alignment stage (no Trainer-side evaluation)."""
-    from visalign.config import from_dict
+    from visalign.config import apply_overrides, from_dict
     from visalign.train.config import TrainConfig
 
     terms: list[Any] = [{"scorer": config.reward, "weight": 1.0}]
@@ -154,7 +157,7 @@ def train_config(config: DemoConfig, align_file: Path, run_dir: Path) -> Any:
         "run": {"output_dir": str(run_dir / "train"), "iterations": config.iterations, "seed": config.seed,
                 "checkpoint_every": config.iterations, "keep_last": 1, "tensorboard": False},
     }
-    return from_dict(TrainConfig, data)
+    return from_dict(TrainConfig, apply_overrides(data, list(config.train_overrides)))
 
 
 @dataclass
