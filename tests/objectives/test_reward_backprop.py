@@ -165,3 +165,21 @@ def test_trainer_raises_the_reward_and_its_negation_lowers_it(name, bright_sd_pa
         gains[label] = _eval_brightness(trainer) - before
         assert summary["iterations"] == 8
     assert gains["reward"] > 0.005 and gains["negated"] < -0.005, gains
+
+
+def test_uncertainty_weights_scale_each_samples_gradient(adapter):
+    """The loss is linear in the per-sample weights: grad(w = a) + grad(w = b) = grad(w = a + b) = 3·grad(ones)."""
+    rollout = adapter.rollout(PROMPTS, images_per_prompt=2, steps=3, guidance=1.0, eta=0.0, seed=9, height=8, width=8)
+    rewards = brightness(rollout.media, rollout.prompts)
+    named = {n: p for n, p in adapter.denoiser.named_parameters() if p.requires_grad}
+
+    def grad(weights: list[float]) -> torch.Tensor:
+        recorder = GradRecorder(named)
+        ctx = make_context(adapter, [], recorder)
+        ctx.reward = brightness
+        build_objective("draft", {"k": 0}).update(make_batch(rollout, rewards, weights=torch.tensor(weights)), ctx)
+        return recorder.grads[0]["conv_out.weight"]
+
+    a, b = grad([1.0, 2.0, 1.0, 2.0]), grad([2.0, 1.0, 2.0, 1.0])
+    torch.testing.assert_close(a + b, 3 * grad([1.0, 1.0, 1.0, 1.0]), atol=1e-8, rtol=1e-4)
+    assert not torch.allclose(a, b)  # the weights do change which sample's gradient counts more
