@@ -76,7 +76,7 @@ REWARDS: dict[str, dict[str, Any]] = {
 }
 DEFAULT_REWARDS = ("oracle", "clip", "vlm", "ensemble", "uncertainty")
 RECIPE_KEYS = ("lr", "iterations", "prompts_per_step", "images_per_prompt", "steps", "train_steps_per_update",
-               "train_fraction", "eta", "guidance", "lora_rank", "align_kinds")
+               "train_fraction", "eta", "sde_window", "guidance", "lora_rank", "align_kinds")
 ORACLE = "shapes-oracle"
 
 # ---------------------------------------------------------------- one cell
