@@ -6,8 +6,10 @@ re-run with a graph, starting from the rollout's own ``x_b``. Each re-run step r
 
     x_{t'} = μ_θ(x_t) + (x_{t'}^{rollout} − sg(μ_θ(x_t)))        (the reparameterisation x_{t'} = μ_θ + σ·ε),
 
-so its value is exactly the rollout's (the first re-run decodes to the rollout's media, tested) while the gradient
-goes through the mean; with η = 0 (the usual choice here: AlignProp samples with DDIM η = 0) the correction is zero.
+so its value is exactly the rollout's (the re-run decodes to the rollout's media, tested) while the gradient goes
+through the mean. With several micro-batches per iteration (``micro_batch``) each takes its own optimizer step, so
+the later ones differentiate at the updated weights around the rollout's (now slightly stale) trajectory. With
+η = 0 (the usual choice: AlignProp samples with DDIM η = 0) the correction term is zero on policy.
 Which steps carry the gradient (``backprop``):
 
 - ``last-k`` (DRaFT-K): the last ``k`` steps; ``k = 1`` is the paper's best, ``k = 0`` means every step (full
@@ -57,9 +59,9 @@ class RewardBackpropParams:
         "help": "Recompute each re-run step's activations in backward (memory O(steps with gradient) inputs)."})
 
     def __post_init__(self) -> None:
-        if self.backprop not in BACKPROP_STARTS and self.backprop != "refl":
-            raise ValueError(f"objective.params.backprop must be one of {sorted([*BACKPROP_STARTS, 'refl'])}; "
-                             f"got {self.backprop!r}.")
+        if self.backprop not in BACKPROP_STARTS:
+            raise ValueError(f"objective.params.backprop must be one of {sorted(BACKPROP_STARTS)}; got "
+                             f"{self.backprop!r}.")
         if self.k < 0 or self.micro_batch < 0 or self.grad_scale <= 0 or self.truncation_std < 0:
             raise ValueError("reward backprop needs k >= 0, micro_batch >= 0, grad_scale > 0, truncation_std >= 0.")
         lo, hi = (float(v) for v in self.refl_range)
@@ -94,11 +96,13 @@ def refl_step(num_steps: int, p: RewardBackpropParams, g: torch.Generator) -> in
     return int(torch.randint(lo, min(hi, num_steps), (), generator=g)) if hi - lo > 1 else lo
 
 
-# backprop mode → first step with gradient, b in [0, S): steps b..S−1 are re-run with a graph.
+# backprop mode → the step b in [0, S) where the gradient starts: steps b..S−1 are re-run with a graph (ReFL: only
+# step b runs with a graph, and its x0 estimate is decoded).
 BACKPROP_STARTS: dict[str, Callable[[int, RewardBackpropParams, torch.Generator], int]] = {
     "last-k": _last_k,
     "gaussian": _gaussian,
     "uniform": _uniform,
+    "refl": refl_step,
 }
 
 
@@ -158,10 +162,7 @@ class RewardBackpropObjective(Objective):
         steps = batch.rollout.num_steps
         size = p.micro_batch or int(active.numel())
         for chunk in micro_batches(active.tolist(), size):
-            if p.backprop == "refl":
-                start = refl_step(steps, p, ctx.generator)
-            else:
-                start = BACKPROP_STARTS[p.backprop](steps, p, ctx.generator)
+            start = BACKPROP_STARTS[p.backprop](steps, p, ctx.generator)
             loss, reward = self._micro_step(batch, ctx, chunk, start)
             metrics.add(loss=loss, reward_grad_mean=reward, grad_norm=ctx.optimizer_step(),
                         grad_steps=1 if p.backprop == "refl" else steps - start, first_grad_step=start)
