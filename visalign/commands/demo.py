@@ -16,6 +16,9 @@ EPILOG = """examples:
   visalign demo                                   # shapes-clip proxy, GRPO + LoRA, report in runs/demo/
   visalign demo --reward shapes-vlm --iterations 40
   visalign demo --reward shapes-oracle --out runs/demo-oracle   # the verifiable reward itself
+  visalign demo --reward shapes-oracle --sde-window 0 3   # noise on the trained steps only: colour is kept
+  visalign demo --objective draft --eta 0 --objective-params '{"k": 0}'   # reward backprop through the proxy
+  visalign demo --set "optim.betas=[0.98, 0.999]"   # any training key (visalign train --help-config)
   visalign demo --iterations 2 --eval-heldin 8 --eval-heldout 8  # a quick smoke run
 """
 
