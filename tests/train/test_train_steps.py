@@ -10,9 +10,10 @@ import torch
 from visalign.train.loop import Trainer, TrainingError
 
 
-def make(fraction: float = 1.0, per_update: int | None = None, eta: float = 1.0):
+def make(fraction: float = 1.0, per_update: int | None = None, eta: float = 1.0, needs_log_probs: bool = True):
     sample = SimpleNamespace(train_fraction=fraction, train_steps_per_update=per_update, eta=eta)
-    return SimpleNamespace(config=SimpleNamespace(sample=sample), _seed=lambda salt: 7)
+    return SimpleNamespace(config=SimpleNamespace(sample=sample), _seed=lambda salt: 7,
+                           objective=SimpleNamespace(needs_log_probs=needs_log_probs))
 
 
 def rollout(log_probs: torch.Tensor):
@@ -37,3 +38,9 @@ def test_fraction_and_subset_apply_to_finite_steps():
 def test_no_finite_step_is_a_clear_error():
     with pytest.raises(TrainingError, match="eta"):
         Trainer.train_steps(make(eta=0.0), rollout(torch.full((2, 3), float("nan"))))
+
+
+def test_reward_backprop_needs_no_stochastic_step():
+    """Reward backprop samples with η = 0 (no step has a density) and picks its own steps: no error."""
+    deterministic = rollout(torch.full((2, 4), float("nan")))
+    assert Trainer.train_steps(make(eta=0.0, needs_log_probs=False), deterministic) == [0, 1, 2, 3]
