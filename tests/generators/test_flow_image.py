@@ -76,6 +76,9 @@ def test_noise_level_zero_reproduces_stock_pipeline(family):
     stock = _stock(gen, 4, 3.5, [11, 12])
     assert (ours.media - stock).abs().max() < 1e-4
     assert torch.isnan(ours.log_probs).all()  # deterministic steps carry no density
+    # The one-step x0 estimate (ReFL decodes it): the last Euler step goes to σ = 0, so it lands exactly on x0.
+    last = gen.recompute_step(ours, ours.num_steps - 1)
+    torch.testing.assert_close(last.x0, ours.latents[:, -1].float(), atol=1e-5, rtol=0)
 
 
 def test_sde_window_and_denoising_reduction(family):

@@ -162,7 +162,8 @@ class FlowMatchingAdapter(GeneratorAdapter):
                        prev_sample=prev_sample, noise=noise, mode=self.sde_mode, logp_mode=self.logp_mode,
                        sigma_at_one=float(sigmas[1]) if len(sigmas) > 2 else None, storage_dtype=latents.dtype)
         sample = prev_sample if prev_sample is not None else out.prev_sample.to(latents.dtype)
-        x0 = latents.float() - float(sigmas[step_index]) * v_hat.float()  # x_s = (1 − s)·x0 + s·ε, v = ε − x0
+        # x_s = (1 − s)·x0 + s·ε and v = ε − x0; a tensor σ, not float(), so a CUDA step does not sync on it
+        x0 = latents.float() - sigmas[step_index].float() * v_hat.float()
         return StepOutput(sample, out.mean, out.std, out.logp_mean, out.logp_sum, x0)
 
     uses_cfg_batch: bool = True

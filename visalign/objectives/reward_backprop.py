@@ -93,7 +93,7 @@ def refl_step(num_steps: int, p: RewardBackpropParams, g: torch.Generator) -> in
     """ReFL's gradient step ``m``, uniform over ``[⌊lo·S⌋, ⌈hi·S⌉)`` (at least one step)."""
     lo = min(math.floor(p.refl_range[0] * num_steps), num_steps - 1)
     hi = max(math.ceil(p.refl_range[1] * num_steps), lo + 1)
-    return int(torch.randint(lo, min(hi, num_steps), (), generator=g)) if hi - lo > 1 else lo
+    return int(torch.randint(lo, min(hi, num_steps), (), generator=g))
 
 
 # backprop mode → the step b in [0, S) where the gradient starts: steps b..S−1 are re-run with a graph (ReFL: only
