@@ -201,8 +201,9 @@ class RewardSpec:
         n = len(batch)
         if group_ids is not None:
             group_index(group_ids, n)  # validate the length before any scorer runs
-        if grad and self.blocking_terms():
-            raise ValueError(f"grad=True needs differentiable reward terms; {self.blocking_terms()} cannot return "
+        blocking = self.blocking_terms() if grad else []
+        if blocking:
+            raise ValueError(f"grad=True needs differentiable reward terms; {blocking} cannot return "
                              "gradients to the pixels. Give them weight 0 or use a differentiable scorer "
                              "(e.g. a CLIP or embedding-head card).")
         raw: dict[str, Tensor] = {}

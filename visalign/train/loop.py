@@ -88,9 +88,10 @@ class Trainer:
                                               "advantage": config.reward.advantage, "device": device})
         self.eval_reward = (RewardSpec.from_config({"terms": config.eval.scorers, "device": device})
                             if config.eval.scorers else self.reward)
-        if self.objective.needs_reward_grad and not self.reward.differentiable:
+        blocking = self.reward.blocking_terms() if self.objective.needs_reward_grad else []
+        if blocking:
             raise ValueError(f"objective {config.objective.name!r} backpropagates the reward, but reward term(s) "
-                             f"{self.reward.blocking_terms()} cannot return gradients to the pixels; use "
+                             f"{blocking} cannot return gradients to the pixels; use "
                              "differentiable scorers (CLIP, embedding heads; `visalign scorers` lists them) or give "
                              "those terms weight 0.")
         torch.manual_seed(config.run.seed)  # the same on every process: LoRA initialises identically
