@@ -76,7 +76,7 @@ REWARDS: dict[str, dict[str, Any]] = {
 }
 DEFAULT_REWARDS = ("oracle", "clip", "vlm", "ensemble", "uncertainty")
 RECIPE_KEYS = ("lr", "iterations", "prompts_per_step", "images_per_prompt", "steps", "train_steps_per_update",
-               "train_fraction", "eta", "sde_window", "guidance", "lora_rank", "align_kinds")
+               "train_fraction", "eta", "sde_window", "guidance", "lora_rank", "align_kinds", "eval_kinds")
 ORACLE = "shapes-oracle"
 
 # ---------------------------------------------------------------- one cell
@@ -90,7 +90,7 @@ def resolve_recipe(objective: str, overrides: dict[str, Any]) -> dict[str, Any]:
     """DemoConfig defaults ← ``OBJECTIVES[objective]["recipe"]`` ← command-line ``overrides`` (RECIPE_KEYS only)."""
     from visalign.shapes.demo import DemoConfig
 
-    defaults = DemoConfig()
+    defaults = DemoConfig(objective=OBJECTIVES[objective]["objective"])  # with that objective's demo recipe
     recipe = {k: getattr(defaults, k) for k in RECIPE_KEYS if hasattr(defaults, k)}
     for where, values in ((f"OBJECTIVES[{objective!r}]['recipe']", OBJECTIVES[objective].get("recipe", {})),
                           ("--recipe", overrides)):
@@ -107,7 +107,8 @@ def fingerprint(objective: str, reward: str, recipe: dict[str, Any], args: argpa
     return {"objective": entry["objective"], "params": entry.get("params", {}), "pareto": bool(entry.get("pareto")),
             "terms": REWARDS[reward]["terms"], "uncertainty_weights": bool(REWARDS[reward].get("uncertainty_weights")),
             "recipe": recipe, "eval_heldin": args.eval_heldin, "eval_heldout": args.eval_heldout,
-            "eval_steps": args.eval_steps, "curve_every": args.curve_every, "curve_prompts": args.curve_prompts}
+            "eval_steps": args.eval_steps, "eval_images_per_prompt": args.eval_images_per_prompt,
+            "curve_every": args.curve_every, "curve_prompts": args.curve_prompts}
 
 
 def build_train_config(demo: Any, spec: dict[str, Any], align_file: Path, curve_file: Path, run_dir: Path,
@@ -168,7 +169,8 @@ def run_cell(objective: str, reward: str, seed: int, recipe: dict[str, Any], arg
     run_dir.mkdir(parents=True)
     demo = DemoConfig(**recipe, reward=spec["terms"][0]["scorer"], objective=spec["objective"],
                       objective_params=dict(spec["params"]), eval_heldin=args.eval_heldin,
-                      eval_heldout=args.eval_heldout, eval_steps=args.eval_steps, seed=seed, output_dir=str(run_dir))
+                      eval_heldout=args.eval_heldout, eval_steps=args.eval_steps,
+                      eval_images_per_prompt=args.eval_images_per_prompt, seed=seed, output_dir=str(run_dir))
     prompts = demo_prompts(demo)
     curve_set = prompts.eval_sets.get("heldin") or next(iter(prompts.eval_sets.values()))
     align_file, curve_file = run_dir / "align_prompts.txt", run_dir / "curve_prompts.txt"
@@ -408,6 +410,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--curve-every", type=int, default=5, help="Trainer eval (oracle + proxy) every N iterations.")
     p.add_argument("--curve-prompts", type=int, default=16, help="Held-in prompts of the curve evaluation.")
     p.add_argument("--eval-heldin", type=int, default=demo.eval_heldin, help="Held-in eval prompts (first N).")
+    p.add_argument("--eval-images-per-prompt", type=int, default=demo.eval_images_per_prompt,
+                   help="Evaluation samples per prompt (fixed seeds).")
     p.add_argument("--eval-heldout", type=int, default=demo.eval_heldout, help="Held-out eval prompts (first N).")
     p.add_argument("--eval-steps", type=int, default=demo.eval_steps, help="DDIM steps of η = 0 eval samples.")
     p.add_argument("--recipe", nargs="*", default=[], metavar="KEY=VALUE",

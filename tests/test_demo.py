@@ -27,7 +27,8 @@ needs_assets = pytest.mark.skipif(
 
 
 def test_alignment_prompts_never_contain_an_evaluation_composition():
-    config = DemoConfig(eval_heldin=48, eval_heldout=48)
+    kinds = {"align_kinds": ["count", "relation"], "eval_kinds": ["single", "count", "relation"]}
+    config = DemoConfig(eval_heldin=48, eval_heldout=48, **kinds)
     prompts = demo_prompts(config)
     evaluated = {parse_prompt(p) for ps in prompts.eval_sets.values() for p in ps}
     aligned = {parse_prompt(p) for p in prompts.align}
@@ -35,8 +36,22 @@ def test_alignment_prompts_never_contain_an_evaluation_composition():
     assert not evaluated & aligned
     assert {s.kind for s in aligned} == {"count", "relation"}
     # Held-out compositions are never in the training file, so only held-in ones had to be removed.
-    wider = demo_prompts(DemoConfig(eval_heldin=0, eval_heldout=48))
+    wider = demo_prompts(DemoConfig(eval_heldin=0, eval_heldout=48, **kinds))
     assert len(wider.align) > len(prompts.align)
+
+
+def test_eval_kinds_pick_the_held_in_prompts_and_the_alignment_stays_disjoint():
+    config = DemoConfig(align_kinds=["single", "count"], eval_kinds=["single", "count"], eval_heldin=96,
+                        eval_heldout=8)
+    prompts = demo_prompts(config)
+    assert {parse_prompt(p).kind for p in prompts.eval_sets["heldin"]} == {"single", "count"}
+    assert len(prompts.eval_sets["heldin"]) == 88  # every single/count prompt of heldin_eval.txt (fewer than 96)
+    assert {parse_prompt(p).kind for p in prompts.eval_sets["heldout"]} == {"relation"}
+    aligned = {parse_prompt(p) for p in prompts.align}
+    assert aligned and {s.kind for s in aligned} == {"single", "count"}
+    assert not aligned & {parse_prompt(p) for ps in prompts.eval_sets.values() for p in ps}
+    with pytest.raises(ValueError, match="eval_kinds"):
+        DemoConfig(eval_kinds=["motion"])
 
 
 def test_config_rejects_an_empty_evaluation():
@@ -45,7 +60,7 @@ def test_config_rejects_an_empty_evaluation():
     with pytest.raises(ValueError, match="train_fraction 0.3 of 3 steps trains none"):
         DemoConfig(steps=3)  # the default fraction trains ⌊0.9⌋ = 0 steps: said before any model loads
     with pytest.raises(ValueError, match="eta"):
-        DemoConfig(eta=0.0)  # a deterministic rollout has no log-probs to train on
+        DemoConfig(eta=0.0, objective="grpo")  # a deterministic rollout has no log-probs to train on
     assert DemoConfig(eta=0.0, objective="draft").eta == 0.0  # reward backprop trains on the deterministic sampler
 
 
@@ -53,11 +68,11 @@ def test_command_line_knobs_reach_the_training_config(tmp_path):
     from visalign.cli import build_parser
     from visalign.shapes.demo import train_config
 
-    args = build_parser().parse_args(["demo", "--eta", "0.3", "--sde-window", "0", "3", "--lora-targets",
-                                      "attn2.to_k", "attn2.to_v", "--set", "optim.betas=[0.98, 0.999]",
-                                      "--set", "objective.params.beta=0.1"])
-    config = DemoConfig(eta=args.eta, sde_window=args.sde_window, lora_targets=args.lora_targets,
-                        train_overrides=args.train_overrides)
+    args = build_parser().parse_args(["demo", "--objective", "grpo", "--eta", "0.3", "--sde-window", "0", "3",
+                                      "--lora-targets", "attn2.to_k", "attn2.to_v",
+                                      "--set", "optim.betas=[0.98, 0.999]", "--set", "objective.params.beta=0.1"])
+    config = DemoConfig(objective=args.objective, eta=args.eta, sde_window=args.sde_window,
+                        lora_targets=args.lora_targets, train_overrides=args.train_overrides)
     train = train_config(config, tmp_path / "align.txt", tmp_path)
     assert train.sample.eta == 0.3 and train.sample.sde_window == [0, 3]
     assert tuple(train.optim.betas) == (0.98, 0.999) and train.objective.params == {"beta": 0.1}
@@ -65,8 +80,14 @@ def test_command_line_knobs_reach_the_training_config(tmp_path):
         train_config(DemoConfig(train_overrides=["optim.beta=[0.9, 0.99]"]), tmp_path / "align.txt", tmp_path)
     assert train.model.lora_targets == ["attn2.to_k", "attn2.to_v"]
     defaults = train_config(DemoConfig(), tmp_path / "align.txt", tmp_path)
-    assert defaults.sample.eta == 1.0 and defaults.sample.sde_window is None
+    assert defaults.objective.name == "draft" and defaults.objective.params == {"k": 0}
+    assert defaults.sample.eta == 0.0 and defaults.sample.sde_window is None
+    assert defaults.sample.prompts_per_step == 4 and defaults.sample.images_per_prompt == 4
+    assert [t["scorer"] for t in defaults.reward.terms] == ["shapes-clip-contrast", "shapes-oracle"]
     assert defaults.model.lora_targets == ["to_q", "to_k", "to_v", "to_out.0"]
+    grpo = train_config(DemoConfig(objective="grpo"), tmp_path / "align.txt", tmp_path)  # GRPO's own recipe
+    assert grpo.sample.eta == 1.0 and grpo.sample.sde_window == [0, 3] and grpo.objective.params == {}
+    assert grpo.sample.prompts_per_step == 8 and grpo.sample.images_per_prompt == 8
 
 
 @pytest.fixture(scope="module")
@@ -93,13 +114,18 @@ def test_short_demo_writes_a_report_with_paired_images(demo_run):
         assert (out / f"grid-{name}.png").is_file()
     assert "curves.png" in report and (out / "curves.png").is_file()
     summary = json.loads((out / "summary.json").read_text())
+    k = result.before.images_per_prompt
     for numbers in summary["sets"].values():
-        assert numbers["n"] == 3 and 0.0 <= numbers["oracle_all"][0] <= 1.0
+        assert numbers["prompts"] == 3 and numbers["n"] == 3 * k and 0.0 <= numbers["oracle_all"][0] <= 1.0
         assert set(numbers["attributes"]) >= {"colour", "shape", "count"}
     rows = [json.loads(line) for line in (out / "train" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "reward/oracle/mean" in r] == [1, 2]  # the gold curve rides along
     first = np.asarray(Image.open(out / "images" / "heldin-000-before.png"))
     assert first.shape == (128, 128, 3) and first.max() > 0
+    # The report shows each prompt's first evaluation sample: prompt 1's is sample k of the set, not sample 1.
+    second = np.asarray(Image.open(out / "images" / "heldin-001-before.png")).astype(np.float32) / 255
+    shown = result.before.media["heldin"][k].permute(1, 2, 0).numpy()
+    assert np.abs(second[::4, ::4] - shown).mean() < 0.02
 
 
 @needs_assets

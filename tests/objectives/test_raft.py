@@ -59,3 +59,23 @@ def test_step_is_the_denoising_gradient_on_the_kept_samples(adapter):
 def test_bad_params_name_the_field():
     with pytest.raises(ValueError, match="top_k"):
         build_objective("raft", {"top_k": 0})
+
+
+def test_reencode_fits_the_vae_encoding_of_the_kept_media(adapter):
+    """``reencode: true`` trains on ``encode_media(media)`` (the VAE posterior mean, scaled), not on the sampled
+    latents: the two differ, and the loss replays exactly on the re-encoded ones."""
+    rollout = adapter.rollout(["a red cube"], images_per_prompt=2, steps=2, guidance=1.0, eta=1.0, seed=3)
+    params = {n: p for n, p in adapter.denoiser.named_parameters() if p.requires_grad}
+    metrics = build_objective("raft", {"top_k": 1, "reencode": True}).update(
+        make_batch(rollout, torch.tensor([0.2, 0.7])), make_context(adapter, [0], GradRecorder(params), seed=5))
+    vae = adapter.pipeline.vae
+    with torch.no_grad():
+        expected = vae.encode(rollout.media[[1]] * 2 - 1).latent_dist.mean * vae.config.scaling_factor
+    encoded = adapter.encode_media(rollout.media[[1]])
+    torch.testing.assert_close(encoded, expected.float())
+    assert not torch.allclose(encoded, rollout.latents[[1], -1], atol=1e-3)
+    g = torch.Generator().manual_seed(5)
+    torch.randperm(1, generator=g)  # the objective's shuffle of the one kept sample
+    with torch.no_grad():
+        out = adapter.denoising_loss(encoded, rollout.condition.select([1]), generator=g)
+    assert metrics["loss"] == pytest.approx(float(out.loss.mean()), rel=1e-5)

@@ -13,19 +13,20 @@ import sys
 from pathlib import Path
 
 EPILOG = """examples:
-  visalign demo                                   # shapes-clip proxy, GRPO + LoRA, report in runs/demo/
-  visalign demo --reward shapes-vlm --iterations 40
-  visalign demo --reward shapes-oracle --out runs/demo-oracle   # the verifiable reward itself
-  visalign demo --reward shapes-oracle --sde-window 0 3   # noise on the trained steps only: colour is kept
-  visalign demo --objective draft --eta 0 --objective-params '{"k": 0}'   # reward backprop through the proxy
+  visalign demo                                   # DRaFT + LoRA through the CLIP proxy; report in runs/demo/
+  visalign demo --objective grpo                  # GRPO on the same proxy (groups of 8, SDE window 0 3)
+  visalign demo --objective grpo --reward shapes-oracle --out runs/demo-oracle   # the verifiable reward itself
+  visalign demo --objective grpo --reward shapes-vlm --iterations 40
+  visalign demo --align-kinds count relation --eval-kinds single count relation   # relations too
   visalign demo --set "optim.betas=[0.98, 0.999]"   # any training key (visalign train --help-config)
-  visalign demo --iterations 2 --eval-heldin 8 --eval-heldout 8  # a quick smoke run
+  visalign demo --iterations 2 --eval-heldin 8 --eval-heldout 8 --eval-images-per-prompt 1  # a quick smoke run
 """
 
 # flag → DemoConfig field, for the fields exposed on the command line.
 FLAGS = {"base_model": str, "reward": str, "objective": str, "iterations": int, "prompts_per_step": int,
          "images_per_prompt": int, "steps": int, "eta": float, "train_fraction": float, "lr": float, "lora_rank": int,
-         "eval_heldin": int, "eval_heldout": int, "eval_steps": int, "grid_prompts": int, "seed": int}
+         "eval_heldin": int, "eval_heldout": int, "eval_steps": int, "eval_images_per_prompt": int,
+         "grid_prompts": int, "seed": int}
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -34,18 +35,23 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="Align the built-in shapes model with a learned proxy and report the effect.",
                        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
                        description="Evaluate the shipped shapes-world model with the exact oracle, align it "
-                                   "(GRPO with LoRA against a learned proxy by default), evaluate again on prompts "
-                                   "not used for alignment, and write runs/demo/report.html.")
+                                   "(LoRA, reward backprop through the learned CLIP proxy by default), evaluate "
+                                   "again on prompts not used for alignment, and write runs/demo/report.html.")
     defaults = {f.name: f for f in dataclasses.fields(DemoConfig)}
     for name, kind in FLAGS.items():
         spec = defaults[name]
         p.add_argument("--" + name.replace("_", "-"), type=kind, default=spec.default, help=spec.metadata["help"])
     p.add_argument("--lora-targets", nargs="+", metavar="NAME", default=defaults["lora_targets"].default_factory(),
                    help=defaults["lora_targets"].metadata["help"])
+    for name in ("align_kinds", "eval_kinds"):
+        p.add_argument("--" + name.replace("_", "-"), nargs="+", metavar="KIND",
+                       choices=("single", "count", "relation"),
+                       default=defaults[name].default_factory(), help=defaults[name].metadata["help"])
     p.add_argument("--sde-window", nargs=2, type=int, metavar=("START", "STOP"),
                    default=defaults["sde_window"].default, help=defaults["sde_window"].metadata["help"])
-    p.add_argument("--objective-params", default="{}", help="Objective hyper-parameters as JSON, e.g. "
-                                                             "'{\"clip_range\": 0.2}'.")
+    p.add_argument("--objective-params", default=None, help="Objective hyper-parameters as JSON, e.g. "
+                                                             "'{\"clip_range\": 0.2}'; default: the objective's "
+                                                             "demo recipe (draft: '{\"k\": 0}').")
     p.add_argument("--set", dest="train_overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help=defaults["train_overrides"].metadata["help"] + " Repeat for several.")
     p.add_argument("--out", default="runs/demo", help="Run folder; report.html is written there.")
@@ -62,9 +68,10 @@ def run(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
-        params = json.loads(args.objective_params)
+        params = json.loads(args.objective_params) if args.objective_params is not None else None
         config = DemoConfig(**{name: getattr(args, name) for name in FLAGS}, objective_params=params,
                             sde_window=args.sde_window, lora_targets=args.lora_targets,
+                            align_kinds=args.align_kinds, eval_kinds=args.eval_kinds,
                             train_overrides=args.train_overrides, output_dir=args.out)
         result = run_demo(config)
     except (ValueError, FileNotFoundError, json.JSONDecodeError) as err:  # ConfigError is a ValueError
@@ -75,6 +82,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"{name}: oracle accuracy {100 * before:.1f}% → {100 * after:.1f}% "
               f"({100 * (after - before):+.1f} pts); proxy {numbers['proxy'][0]:.3f} → {numbers['proxy'][1]:.3f}")
     final = Path(args.out) / "train" / "final"
-    print(f"grade the training sampler (η = {args.eta}, {args.steps} steps) on more prompts: visalign shapes eval "
-          f"--lora {final} --eta {args.eta} --steps {args.steps} --prompts 192")
+    eta = result.config["eta"]
+    print(f"grade the training sampler (η = {eta}, {args.steps} steps) on more prompts: visalign shapes eval "
+          f"--lora {final} --eta {eta} --steps {args.steps} --prompts 192")
     return 0

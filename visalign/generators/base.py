@@ -172,6 +172,12 @@ class GeneratorAdapter:
         """Final latents → media float32 in [0, 1] (``[B, 3, H, W]`` or ``[B, T, 3, H, W]``)."""
         raise NotImplementedError
 
+    def encode_media(self, media: Tensor) -> Tensor:
+        """Media float32 in [0, 1] (``[B, 3, H, W]``) → clean latents in the denoiser's space (the VAE posterior
+        mean, scaled as training scripts scale it), with no graph. To implement per family; the inverse of
+        :meth:`decode` up to the VAE's reconstruction error."""
+        raise NotImplementedError(f"{type(self).__name__} cannot encode media to latents yet.")
+
     def default_resolution(self) -> tuple[int, int]:
         """(height, width) in pixels used when none is given."""
         raise NotImplementedError

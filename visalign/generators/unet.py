@@ -32,7 +32,7 @@ from visalign.generators.denoising_loss import (
     draw_ddpm_timesteps,
 )
 from visalign.generators.rollout import check_sde_window, sde_window_mask
-from visalign.media import from_vae_range
+from visalign.media import from_vae_range, to_vae_range
 
 
 class DDIMUNetAdapter(GeneratorAdapter):
@@ -156,6 +156,15 @@ class DDIMUNetAdapter(GeneratorAdapter):
         """Final latents ``[B, C, h, w]`` → float32 ``[B, 3, H, W]`` in [0, 1]; ``grad=True`` keeps the graph."""
         with torch.enable_grad() if grad else torch.no_grad():
             return self.decode_images(latents)
+
+    @torch.no_grad()
+    def encode_media(self, media: Tensor) -> Tensor:
+        """``[B, 3, H, W]`` in [0, 1] → ``[B, C, h, w]`` latents: the VAE posterior mean, shifted and scaled as
+        diffusers' training scripts do (``(z − shift)·scaling_factor``), in float32."""
+        vae = self.pipeline.vae
+        z = vae.encode(to_vae_range(media.to(self.device, vae.dtype))).latent_dist.mean
+        shift = getattr(vae.config, "shift_factor", None) or 0.0
+        return ((z.float() - shift) * vae.config.scaling_factor)
 
 
 class StableDiffusionAdapter(DDIMUNetAdapter):

@@ -26,6 +26,9 @@ class RaftParams:
     inner_steps: int = field(default=1, metadata={"help": "SFT passes over the kept samples per rollout (fresh "
                                                           "(t, ε) draws each pass)."})
     micro_batch: int = field(default=0, metadata={"help": "Kept samples per optimizer step; 0 = all in one step."})
+    reencode: bool = field(default=False, metadata={
+        "help": "Fit the kept samples' media re-encoded by the VAE (as fine-tuning on saved images does) instead "
+                "of the rollout's final latents; CFG-sampled latents sit off the VAE's posterior."})
 
     def __post_init__(self) -> None:
         if self.top_k < 1 or self.inner_steps < 1 or self.micro_batch < 0:
@@ -57,6 +60,7 @@ class RaftObjective(Objective):
 
     name = "raft"
     Params = RaftParams
+    needs_log_probs = False  # a supervised step on kept samples: any sampler, η = 0 included
 
     def update(self, batch: UpdateBatch, ctx: UpdateContext) -> dict[str, float]:
         p: RaftParams = self.params
@@ -65,6 +69,9 @@ class RaftObjective(Objective):
         if kept.numel() == 0:
             return {"kept": 0.0}
         rollout, x0 = batch.rollout, batch.rollout.latents[:, -1]
+        if p.reencode:
+            x0 = x0.clone()
+            x0[kept] = ctx.adapter.encode_media(rollout.media[kept]).to(x0)
         metrics = MetricMeans()
         for _ in range(p.inner_steps):
             order = kept[torch.randperm(kept.numel(), generator=ctx.generator)]

@@ -17,6 +17,9 @@ Modes (METHODS.md §12 and §6b):
 - ``clip-i``: image–image cosine to the sample's references, mean over the K references;
 - ``lambda-harmonic``: ``1 / (λ/(s_I + 1e-8) + (1 − λ)/(s_T + 1e-8))`` with both cosines mapped by ``(s + 1)/2``
   (RPO, andrew-miao/RPO evaluation_metrics.py).
+- ``contrast``: ``P(prompt | image) = softmax(s·cos(img, [t₀ … t_K]))₀`` over the prompt and the hard negatives of
+  the card's ``contrasts`` set (:mod:`visalign.scorers.contrasts`), ``s = exp(logit_scale)`` unless the card gives
+  ``temperature`` (then ``s = 1/temperature``); in [0, 1].
 
 Preprocessing is tensor operations only (resize the shortest side with antialiasing, centre crop, normalise), so
 ``grad=True`` returns gradients to the pixels. Videos ``[B, T, 3, H, W]`` score as the mean of per-frame scores.
@@ -39,8 +42,9 @@ from torch import Tensor
 
 from visalign.scorers.base import RawScore, ScoreBatch, Scorer, WeightsUnavailableError
 from visalign.scorers.card import ScorerCard
+from visalign.scorers.contrasts import contrast_set
 
-MODES = ("clipscore", "cosine", "logit", "clip-i", "lambda-harmonic")
+MODES = ("clipscore", "cosine", "logit", "clip-i", "lambda-harmonic", "contrast")
 _MODES_WITH_REFERENCES = ("clip-i", "lambda-harmonic")
 # RPO's guard against division by zero in the harmonic mean (andrew-miao/RPO evaluation_metrics.py).
 _HARMONIC_EPS = 1e-8
@@ -387,6 +391,10 @@ class ClipScorer(Scorer):
             raise ValueError(f"Card {self.id!r}: mode {mode!r} compares against references; add 'reference' to needs.")
         if mode == "lambda-harmonic" and not 0.0 <= self.lam <= 1.0:
             raise ValueError(f"Card {self.id!r}: params.lam must be in [0, 1]; got {self.lam}.")
+        if mode == "contrast":
+            contrast_set(str(self.card.params.get("contrasts")))  # raises, naming the known sets
+            if float(self.card.params.get("temperature", 1.0)) <= 0:
+                raise ValueError(f"Card {self.id!r}: params.temperature must be > 0.")
 
     @property
     def mode(self) -> str:
@@ -453,6 +461,8 @@ class ClipScorer(Scorer):
         mode = self.mode
         if mode == "clip-i":
             return self._reference_cosine(image, batch.references), {}
+        if mode == "contrast":
+            return self._contrast_probability(image, batch.prompts)
         template = str(self.card.params.get("prompt_template", "{}"))
         text = self.embed_texts([template.format(p) for p in batch.prompts])  # [B, D]
         cosine = torch.einsum("btd,bd->bt", image, text)
@@ -465,6 +475,41 @@ class ClipScorer(Scorer):
         s_image = (self._reference_cosine(image, batch.references) + 1.0) / 2.0
         s_text = (cosine + 1.0) / 2.0
         return lambda_harmonic(s_image, s_text, self.lam), {"s_image": s_image, "s_text": s_text}
+
+    def _contrast_probability(self, image: Tensor, prompts: list[str]) -> tuple[Tensor, dict[str, Tensor]]:
+        """Mean over a prompt's contrast groups of ``P(t₀ | frame)`` within the group: image ``[B, T, D]`` →
+        ``[B, T]`` in [0, 1].
+
+        Groups differ in size and number; all are stacked as rows ``[G, K]`` padded with −inf logits, and each
+        sample averages its own rows. Extras: ``cosine`` (to ``t₀``) and ``margin``, ``cos(t₀)`` minus the largest
+        cosine of any negative.
+        """
+        captions = contrast_set(str(self.card.params["contrasts"]))
+        groups = {p: captions(p) for p in dict.fromkeys(prompts)}
+        texts = list(dict.fromkeys(t for p_groups in groups.values() for g in p_groups for t in g))
+        row = {t: i for i, t in enumerate(texts)}
+        embeds = self.embed_texts(texts)  # [N, D]
+        rows = [(i, [row[t] for t in g]) for i, p in enumerate(prompts) for g in groups[p]]
+        width = max(len(r) for _, r in rows)
+        index = torch.zeros(len(rows), width, dtype=torch.long)
+        valid = torch.zeros(len(rows), width, dtype=torch.bool)
+        owner = torch.tensor([i for i, _ in rows])
+        for k, (_, r) in enumerate(rows):
+            index[k, : len(r)] = torch.tensor(r)
+            valid[k, : len(r)] = True
+        index, valid, owner = index.to(image.device), valid.to(image.device), owner.to(image.device)
+        cosine = torch.einsum("gtd,gkd->gtk", image[owner], embeds[index])  # [G, T, K]
+        temperature = self.card.params.get("temperature")
+        scale = 1.0 / float(temperature) if temperature is not None else self._backend.logit_scale().float()
+        probability = (scale * cosine).masked_fill(~valid[:, None, :], float("-inf")).softmax(-1)[..., 0]  # [G, T]
+        b = len(prompts)
+        per_sample = torch.zeros(b, image.shape[1], device=image.device).index_add(0, owner, probability)
+        counts = torch.bincount(owner, minlength=b).to(per_sample)[:, None]
+        hardest = cosine[..., 1:].masked_fill(~valid[:, None, 1:], float("-inf")).amax(-1)  # [G, T]
+        negatives = torch.full((b, image.shape[1]), float("-inf"), device=image.device).scatter_reduce(
+            0, owner[:, None].expand_as(hardest), hardest, "amax")
+        positive = torch.einsum("btd,bd->bt", image, embeds[index[:, 0]][_first_rows(owner, b)])
+        return per_sample / counts, {"cosine": positive, "margin": positive - negatives}
 
     def _reference_cosine(self, image: Tensor, references: Tensor) -> Tensor:
         """Mean over K references of the cosine to each frame: image ``[B, T, D]`` → ``[B, T]``."""
@@ -493,3 +538,10 @@ def lambda_harmonic(s_image: Tensor, s_text: Tensor, lam: float) -> Tensor:
     if not 0.0 <= lam <= 1.0 or math.isnan(lam):
         raise ValueError(f"lambda_harmonic needs lam in [0, 1]; got {lam}.")
     return 1.0 / (lam / (s_image + _HARMONIC_EPS) + (1.0 - lam) / (s_text + _HARMONIC_EPS))
+
+
+def _first_rows(owner: Tensor, batch: int) -> Tensor:
+    """Index of each sample's first row in ``owner`` (``[G]`` sample ids, grouped in order) → long ``[batch]``."""
+    first = torch.full((batch,), -1, dtype=torch.long, device=owner.device)
+    positions = torch.arange(owner.numel(), device=owner.device)
+    return first.scatter_reduce(0, owner, positions, "amin", include_self=False)

@@ -36,11 +36,12 @@ def write_pair_images(run_dir: Path, result: Any) -> dict[str, list[dict[str, An
             entry = {"prompt": prompt}
             for stage, evaluation in (("before", result.before), ("after", result.after)):
                 path = folder / f"{name}-{i:03d}-{stage}.png"
-                save_image(_upscaled(evaluation.media[name][i]), path)
+                image, ok = evaluation.first(name, i)
+                save_image(_upscaled(image), path)
                 entry[stage] = path.relative_to(run_dir).as_posix()
-                entry[f"{stage}_ok"] = bool(evaluation.correct[name][i])
+                entry[f"{stage}_ok"] = ok
             rows[name].append(entry)
-        pairs = torch.stack([torch.stack([result.before.media[name][i], result.after.media[name][i]])
+        pairs = torch.stack([torch.stack([result.before.first(name, i)[0], result.after.first(name, i)[0]])
                              for i in range(min(count, len(prompts)))]).flatten(0, 1)
         save_image(make_grid(torch.stack([_upscaled(p) for p in pairs]), columns=8), run_dir / f"grid-{name}.png")
     return rows
@@ -94,7 +95,8 @@ def attribute_table(result: Any) -> str:
         metrics += [(f"oracle: {k} prompts (all)", b["kinds"].get(k), a["kinds"].get(k)) for k in sorted(b["kinds"])]
         metrics.append((f"proxy: {result.config['reward']}", result.before.proxy[name], result.after.proxy[name]))
         for label, vb, va in metrics:
-            lines.append(f"<tr><td>{html.escape(name)} (n={b['n']})</td><td>{html.escape(label)}</td>"
+            lines.append(f"<tr><td>{html.escape(name)} ({len(result.prompts.eval_sets[name])} prompts, "
+                         f"n={b['n']})</td><td>{html.escape(label)}</td>"
                          f"<td>{_pct(vb)}</td><td>{_pct(va)}</td><td>{_delta(vb, va)}</td></tr>")
     lines.append("</table>")
     return "\n".join(lines)

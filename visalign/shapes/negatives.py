@@ -93,3 +93,61 @@ def sample_hard_negative(spec: PromptSpec, rng: np.random.Generator,
         if negative is not None:
             return options[int(i)], negative
     raise ValueError(f"No hard negative of kinds {options} exists for {spec}.")
+
+
+
+# Contrast groups: which negative kinds compete with the true caption in one softmax. Each group is one question the
+# oracle grades separately (which colour? which shape? how many? which way round?), so a mean over groups weighs
+# the attributes the way the oracle's reward does.
+CONTRAST_GROUPS: dict[str, dict[str, tuple[str, ...]]] = {
+    "count": {"colour": ("colour",), "shape": ("shape",), "count": ("count",)},
+    "relation": {"colour": ("colour", "swap_colours"), "shape": ("shape", "swap_shapes"),
+                 "position": ("relation", "swap_order")},
+}
+
+
+def hard_negatives_by_kind(spec: PromptSpec) -> dict[str, list[PromptSpec]]:
+    """Every one-attribute negative of a still-image ``spec`` by negative kind (``NEGATIVE_KINDS``), fixed order.
+
+    Count prompts: each other colour, shape and count. Relations: the colour, shape and order swaps (when they change
+    the scene), each other relation, and each other colour or shape of either object (when the changed thing is not
+    the other object, which is present).
+    """
+    if isinstance(spec, CountPrompt):
+        thing = spec.thing
+        return {"colour": [CountPrompt(Thing(c, thing.shape), spec.count) for c in COLOURS if c != thing.colour],
+                "shape": [CountPrompt(Thing(thing.colour, s), spec.count) for s in SHAPES if s != thing.shape],
+                "count": [CountPrompt(thing, n) for n in COUNTS if n != spec.count]}
+    if not isinstance(spec, RelationPrompt):
+        raise ValueError(f"Hard negatives are defined for still-image prompts; got {spec}.")
+    a, b = spec.first, spec.second
+    rng = np.random.default_rng(0)  # the swaps draw nothing; the generator only satisfies the signature
+    found: dict[str, list[PromptSpec]] = {
+        kind: [n] if (n := _relation_negative(spec, kind, rng)) is not None else []
+        for kind in ("swap_colours", "swap_shapes", "swap_order")}
+    found["relation"] = [RelationPrompt(a, r, b) for r in RELATIONS if r != spec.relation]
+    found["colour"], found["shape"] = [], []
+    for which, thing in enumerate((a, b)):
+        for kind, new_things in (("colour", [Thing(c, thing.shape) for c in COLOURS if c != thing.colour]),
+                                 ("shape", [Thing(thing.colour, s) for s in SHAPES if s != thing.shape])):
+            for new in new_things:
+                if new not in (a, b):
+                    first, second = (new, b) if which == 0 else (a, new)
+                    found[kind].append(RelationPrompt(first, spec.relation, second))
+    return found
+
+
+def contrast_captions(prompt: str) -> list[list[str]]:
+    """Contrast groups of a shapes prompt: per attribute, ``[t0, negatives...]`` (canonical captions).
+
+    The contrast set ``shapes`` of :mod:`visalign.scorers.contrasts`: ``t0`` is the prompt's canonical caption, and
+    each group holds the negatives that answer one attribute differently (``CONTRAST_GROUPS``). One template per kind,
+    so a softmax over a group compares content, not wording.
+    """
+    from visalign.shapes.grammar import canonical_caption, parse_prompt
+
+    spec = parse_prompt(prompt)
+    by_kind = hard_negatives_by_kind(spec)
+    groups = CONTRAST_GROUPS["relation" if isinstance(spec, RelationPrompt) else "count"]
+    positive = canonical_caption(spec)
+    return [[positive] + [canonical_caption(n) for kind in kinds for n in by_kind[kind]] for kinds in groups.values()]
