@@ -26,9 +26,9 @@ def tiny_args(out: Path) -> list[str]:
     # Smallest recipe the loop accepts: 2 prompts x 2 samples, 2 DDIM steps (one of them stochastic and trained).
     # --threads 0 leaves the test process's torch thread count alone.
     return ["--objectives", "pareto", "--seeds", "0", "--iterations", "1", "--curve-every", "1", "--curve-prompts",
-            "2", "--eval-heldin", "2", "--eval-heldout", "2", "--eval-steps", "3", "--threads", "0", "--out", str(out),
-            "--recipe", "prompts_per_step=2", "images_per_prompt=2", "steps=2", "train_steps_per_update=null",
-            "train_fraction=0.5"]
+            "2", "--eval-heldin", "2", "--eval-heldout", "2", "--eval-steps", "3", "--eval-images-per-prompt", "1",
+            "--threads", "0", "--out", str(out), "--recipe", "prompts_per_step=2", "images_per_prompt=2", "steps=2",
+            "train_steps_per_update=null", "train_fraction=0.5", "sde_window=[0, 1]"]
 
 
 @pytest.fixture(scope="module")
