@@ -17,9 +17,10 @@ Modes (METHODS.md §12 and §6b):
 - ``clip-i``: image–image cosine to the sample's references, mean over the K references;
 - ``lambda-harmonic``: ``1 / (λ/(s_I + 1e-8) + (1 − λ)/(s_T + 1e-8))`` with both cosines mapped by ``(s + 1)/2``
   (RPO, andrew-miao/RPO evaluation_metrics.py).
-- ``contrast``: ``P(prompt | image) = softmax(s·cos(img, [t₀ … t_K]))₀`` over the prompt and the hard negatives of
-  the card's ``contrasts`` set (:mod:`visalign.scorers.contrasts`), ``s = exp(logit_scale)`` unless the card gives
-  ``temperature`` (then ``s = 1/temperature``); in [0, 1].
+- ``contrast``: CLIP as a zero-shot classifier over the prompt's near misses: for each group ``[t₀ … t_K]`` of the
+  card's ``contrasts`` set (:mod:`visalign.scorers.contrasts`; one group per attribute), ``softmax(s·cos(img,
+  t_k))₀``, averaged over the groups; ``s = exp(logit_scale)`` unless the card gives ``temperature`` (then
+  ``s = 1/temperature``); in [0, 1].
 
 Preprocessing is tensor operations only (resize the shortest side with antialiasing, centre crop, normalise), so
 ``grad=True`` returns gradients to the pixels. Videos ``[B, T, 3, H, W]`` score as the mean of per-frame scores.
@@ -508,7 +509,8 @@ class ClipScorer(Scorer):
         hardest = cosine[..., 1:].masked_fill(~valid[:, None, 1:], float("-inf")).amax(-1)  # [G, T]
         negatives = torch.full((b, image.shape[1]), float("-inf"), device=image.device).scatter_reduce(
             0, owner[:, None].expand_as(hardest), hardest, "amax")
-        positive = torch.einsum("btd,bd->bt", image, embeds[index[:, 0]][_first_rows(owner, b)])
+        first = torch.tensor([row[groups[p][0][0]] for p in prompts], device=image.device)  # every group opens with t₀
+        positive = torch.einsum("btd,bd->bt", image, embeds[first])
         return per_sample / counts, {"cosine": positive, "margin": positive - negatives}
 
     def _reference_cosine(self, image: Tensor, references: Tensor) -> Tensor:
@@ -539,9 +541,3 @@ def lambda_harmonic(s_image: Tensor, s_text: Tensor, lam: float) -> Tensor:
         raise ValueError(f"lambda_harmonic needs lam in [0, 1]; got {lam}.")
     return 1.0 / (lam / (s_image + _HARMONIC_EPS) + (1.0 - lam) / (s_text + _HARMONIC_EPS))
 
-
-def _first_rows(owner: Tensor, batch: int) -> Tensor:
-    """Index of each sample's first row in ``owner`` (``[G]`` sample ids, grouped in order) → long ``[batch]``."""
-    first = torch.full((batch,), -1, dtype=torch.long, device=owner.device)
-    positions = torch.arange(owner.numel(), device=owner.device)
-    return first.scatter_reduce(0, owner, positions, "amin", include_self=False)

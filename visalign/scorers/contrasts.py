@@ -3,8 +3,8 @@
 ``ClipScorer`` mode ``contrast`` scores ``P(prompt | image)`` among the prompt and its hard negatives,
 ``softmax(s·cos(image, [t₀, t₁ … t_K]))₀`` — CLIP used as the zero-shot classifier it was trained to be, over the
 captions that differ from the prompt in one attribute. A raw cosine moves little between a right and a wrong scene
-(the shapes proxy's cosines of a scene with one object too many and of a correct one differ by a few hundredths);
-the softmax over the near misses turns that margin into a reward near 0 or 1 (METHODS.md §12).
+(the shapes proxy's cosine drops 0.981 → 0.906 when four yellow squares turn red); the softmax over the near misses
+turns that margin into most of the attribute's share of the reward.
 
 A contrast set is a function ``prompt → groups``, each group ``[t₀, t₁, …, t_K]``: ``t₀`` stands for the prompt
 itself (it may be a normalised wording of it) and ``t₁…t_K`` are captions that are false whenever the prompt is

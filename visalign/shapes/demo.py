@@ -5,8 +5,9 @@ Stages (each announced on the console):
 1. load the shipped base pipeline (``assets/shapes/t2i``) through the ``visalign train`` Trainer (LoRA attached);
 2. *before*: sample the evaluation prompts with fixed seeds (DDIM, η = 0) and grade them with the exact oracle
    (:mod:`visalign.shapes.oracle`) and with the proxy reward;
-3. align: the Trainer's own loop (GRPO by default) against the proxy (``shapes-clip`` by default); the oracle rides
-   along as a zero-weight reward term so its curve on the training samples is logged next to the proxy's;
+3. align: the Trainer's own loop (full DRaFT by default) against the proxy (``shapes-clip-contrast`` by default); the
+   oracle rides along as a zero-weight reward term so its curve on the training samples is logged next to the
+   proxy's;
 4. *after*: the same prompts and seeds again, so every image pairs with its before image;
 5. ``report.html``: before/after images per prompt, reward and oracle curves, a per-attribute table and the gap
    between what the proxy says and what the oracle measures (METHODS.md §15, proxy vs gold).
@@ -128,7 +129,6 @@ class DemoConfig:
             kinds = getattr(self, name)
             if not kinds or set(kinds) - {"single", "count", "relation"}:
                 raise ValueError(f"{name} {kinds} must be a non-empty subset of single, count, relation.")
-
 
     def _fill_recipe(self) -> None:
         """Replace the None fields by the objective's recipe (see ``OBJECTIVE_RECIPES``)."""
