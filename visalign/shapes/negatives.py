@@ -54,9 +54,15 @@ def _relation_negative(spec: RelationPrompt, kind: str, rng: np.random.Generator
         changed = Thing(_other(list(COLOURS), thing.colour, rng), thing.shape)
     else:
         changed = Thing(thing.colour, _other(SHAPES, thing.shape, rng))
-    first, second = (changed, b) if which == 0 else (a, changed)
-    if first == second or changed in (a, b):
-        return None  # the changed thing would be the other object of the scene, which *is* present
+    return _replaced(spec, which, changed)
+
+
+def _replaced(spec: RelationPrompt, which: int, new: Thing) -> RelationPrompt | None:
+    """``spec`` with object ``which`` (0 first, 1 second) replaced by ``new``; None when ``new`` is one of the
+    scene's two things (the other object *is* present, so that caption would not be false)."""
+    if new in (spec.first, spec.second):
+        return None
+    first, second = (new, spec.second) if which == 0 else (spec.first, new)
     return RelationPrompt(first, spec.relation, second)
 
 
@@ -95,7 +101,6 @@ def sample_hard_negative(spec: PromptSpec, rng: np.random.Generator,
     raise ValueError(f"No hard negative of kinds {options} exists for {spec}.")
 
 
-
 # Contrast groups: which negative kinds compete with the true caption in one softmax. Each group is one question the
 # oracle grades separately (which colour? which shape? how many? which way round?), so a mean over groups weighs
 # the attributes the way the oracle's reward does.
@@ -130,10 +135,7 @@ def hard_negatives_by_kind(spec: PromptSpec) -> dict[str, list[PromptSpec]]:
     for which, thing in enumerate((a, b)):
         for kind, new_things in (("colour", [Thing(c, thing.shape) for c in COLOURS if c != thing.colour]),
                                  ("shape", [Thing(thing.colour, s) for s in SHAPES if s != thing.shape])):
-            for new in new_things:
-                if new not in (a, b):
-                    first, second = (new, b) if which == 0 else (a, new)
-                    found[kind].append(RelationPrompt(first, spec.relation, second))
+            found[kind] += [n for new in new_things if (n := _replaced(spec, which, new)) is not None]
     return found
 
 
