@@ -90,6 +90,25 @@ def test_command_line_knobs_reach_the_training_config(tmp_path):
     assert grpo.sample.prompts_per_step == 8 and grpo.sample.images_per_prompt == 8
 
 
+def test_extra_rewards_become_weighted_terms_beside_the_main_reward(tmp_path):
+    from visalign.cli import build_parser
+    from visalign.shapes.demo import train_config
+
+    args = build_parser().parse_args(["demo", "--extra-reward", "shapes-colour:0.5", "--extra-reward", "brightness"])
+    config = DemoConfig(extra_rewards=args.extra_rewards)
+    terms = train_config(config, tmp_path / "align.txt", tmp_path).reward.terms
+    assert [(t["scorer"], t["weight"]) for t in terms] == [
+        ("shapes-clip-contrast", 1.0), ("shapes-colour", 0.5), ("brightness", 1.0), ("shapes-oracle", 0.0)]
+    # The oracle as an extra term is trained on, so it is not added a second time as the zero-weight gold curve.
+    oracle_terms = train_config(DemoConfig(extra_rewards=["shapes-oracle:2"]), tmp_path / "a.txt", tmp_path)
+    assert [(t["scorer"], t["weight"]) for t in oracle_terms.reward.terms] == [
+        ("shapes-clip-contrast", 1.0), ("shapes-oracle", 2.0)]
+    for bad, match in [("shapes-colour:x", "must be a number"), ("shapes-clip-contrast:1", "other than the main"),
+                       (":1", "must name a scorer")]:
+        with pytest.raises(ValueError, match=match):
+            DemoConfig(extra_rewards=[bad])
+
+
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory):
     from visalign.shapes.build_proxies import torch_threads

@@ -47,6 +47,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         p.add_argument("--" + name.replace("_", "-"), nargs="+", metavar="KIND",
                        choices=("single", "count", "relation"),
                        default=defaults[name].default_factory(), help=defaults[name].metadata["help"])
+    p.add_argument("--extra-reward", dest="extra_rewards", action="append", default=None, metavar="ID[:WEIGHT]",
+                   help=defaults["extra_rewards"].metadata["help"] + " Repeat for several; 'none' for no extra term. "
+                        f"Default: {' '.join(defaults['extra_rewards'].default_factory()) or 'none'}.")
     p.add_argument("--sde-window", nargs=2, type=int, metavar=("START", "STOP"),
                    default=defaults["sde_window"].default, help=defaults["sde_window"].metadata["help"])
     p.add_argument("--objective-params", default=None, help="Objective hyper-parameters as JSON, e.g. "
@@ -72,7 +75,9 @@ def run(args: argparse.Namespace) -> int:
         config = DemoConfig(**{name: getattr(args, name) for name in FLAGS}, objective_params=params,
                             sde_window=args.sde_window, lora_targets=args.lora_targets,
                             align_kinds=args.align_kinds, eval_kinds=args.eval_kinds,
-                            train_overrides=args.train_overrides, output_dir=args.out)
+                            train_overrides=args.train_overrides, output_dir=args.out,
+                            **({} if args.extra_rewards is None else
+                               {"extra_rewards": [e for e in args.extra_rewards if e != "none"]}))
         result = run_demo(config)
     except (ValueError, FileNotFoundError, json.JSONDecodeError) as err:  # ConfigError is a ValueError
         print(f"visalign demo: {err}", file=sys.stderr)

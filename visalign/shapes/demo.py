@@ -56,6 +56,11 @@ class DemoConfig:
     reward: str = field(default="shapes-clip-contrast", metadata={
         "help": "Scorer id of the training reward: shapes-clip-contrast (the learned CLIP proxy as a zero-shot "
                 "classifier), shapes-clip (its cosine), shapes-vlm, shapes-oracle or any registered id."})
+    # Why a colour term: every reward here pays for fewer extra objects with hues that drift and darken, and the
+    # oracle only notices a hue once it crosses to another palette colour (assets/shapes/README.md, Demo, point 20).
+    extra_rewards: list[str] = field(default_factory=list, metadata={
+        "help": "More reward terms beside --reward, each ID or ID:WEIGHT (weight 1 by default), summed with it, "
+                "e.g. shapes-colour:1 (continuous colour fidelity to the named palette colours)."})
     objective: str = field(default="draft", metadata={
         "help": "Objective id of the visalign train loop (draft: reward backprop through the whole chain; grpo, "
                 "raft, ...)."})
@@ -125,10 +130,27 @@ class DemoConfig:
                              ">= 0.")
         if self.eval_heldin + self.eval_heldout == 0:
             raise ValueError("The demo needs evaluation prompts: set eval_heldin or eval_heldout above 0.")
+        self.reward_terms()  # refuses a malformed entry now, not after the base evaluation
         for name in ("align_kinds", "eval_kinds"):
             kinds = getattr(self, name)
             if not kinds or set(kinds) - {"single", "count", "relation"}:
                 raise ValueError(f"{name} {kinds} must be a non-empty subset of single, count, relation.")
+
+    def reward_terms(self) -> list[dict[str, Any]]:
+        """The training reward as train-config ``reward.terms``: ``reward`` (weight 1), then ``extra_rewards``."""
+        terms: list[dict[str, Any]] = [{"scorer": self.reward, "weight": 1.0}]
+        for entry in self.extra_rewards:
+            scorer, _, weight = entry.partition(":")
+            try:
+                value = float(weight) if weight else 1.0
+            except ValueError:
+                raise ValueError(f"extra reward {entry!r}: the weight after ':' must be a number, e.g. "
+                                 "shapes-colour:0.5.") from None
+            if not scorer or scorer in (self.reward, ORACLE_TERM):
+                raise ValueError(f"extra reward {entry!r} must name a scorer other than the main reward "
+                                 f"{self.reward!r} (and not {ORACLE_TERM!r}).")
+            terms.append({"scorer": scorer, "weight": value})
+        return terms
 
     def _fill_recipe(self) -> None:
         """Replace the None fields by the objective's recipe (see ``OBJECTIVE_RECIPES``)."""
@@ -187,8 +209,8 @@ def train_config(config: DemoConfig, align_file: Path, run_dir: Path) -> Any:
     from visalign.config import apply_overrides, from_dict
     from visalign.train.config import TrainConfig
 
-    terms: list[Any] = [{"scorer": config.reward, "weight": 1.0}]
-    if config.reward != "shapes-oracle":
+    terms: list[Any] = config.reward_terms()
+    if "shapes-oracle" not in {t["scorer"] for t in terms}:
         # Weight 0: logged on every training batch (the gold curve), never part of the advantage.
         terms.append({"scorer": "shapes-oracle", "weight": 0.0, "name": ORACLE_TERM})
     data = {

@@ -47,8 +47,10 @@ def write_pair_images(run_dir: Path, result: Any) -> dict[str, list[dict[str, An
     return rows
 
 
-def plot_curves(run_dir: Path, history: list[dict[str, Any]], reward_name: str, oracle_name: str) -> str | None:
-    """Training-batch reward (proxy) and oracle per iteration → ``curves.png``; None without matplotlib."""
+def plot_curves(run_dir: Path, history: list[dict[str, Any]], reward_name: str, oracle_name: str,
+                extra_names: tuple[str, ...] = ()) -> str | None:
+    """Training-batch reward (proxy), any extra reward terms and the oracle per iteration → ``curves.png``; None
+    without matplotlib."""
     try:
         import matplotlib
 
@@ -59,8 +61,9 @@ def plot_curves(run_dir: Path, history: list[dict[str, Any]], reward_name: str, 
     rows = [r for r in history if f"reward/{reward_name}/mean" in r]
     fig, ax = plt.subplots(figsize=(6.4, 3.2), dpi=100)
     steps = [r["step"] for r in rows]
-    lines = [(reward_name, f"proxy ({reward_name})"), (oracle_name, "oracle (gold)")]
-    for key, label in lines[1:] if reward_name == oracle_name else lines:
+    lines = [(reward_name, f"proxy ({reward_name})")] if reward_name != oracle_name else []
+    lines += [(name, f"extra term ({name})") for name in extra_names if name != oracle_name]
+    for key, label in [*lines, (oracle_name, "oracle (gold)")]:
         values = [r.get(f"reward/{key}/mean") for r in rows]
         if any(v is not None for v in values):
             ax.plot(steps, [math.nan if v is None else v for v in values], marker=".", label=label)
@@ -139,14 +142,17 @@ figcaption{font-size:12px}"""
 def write_report(run_dir: Path, result: Any) -> Path:
     """Write ``report.html`` (and its PNGs) into ``run_dir``; returns the report's path."""
     rows = write_pair_images(run_dir, result)
-    curves = plot_curves(run_dir, result.history, result.config["reward"], "oracle"
-                         if result.config["reward"] != "shapes-oracle" else "shapes-oracle")
+    extras = tuple(entry.partition(":")[0] for entry in result.config.get("extra_rewards", ()))
+    oracle = "shapes-oracle" if "shapes-oracle" in (result.config["reward"], *extras) else "oracle"
+    curves = plot_curves(run_dir, result.history, result.config["reward"], oracle, extras)
     c = result.config
     seconds = ", ".join(f"{k} {v:.0f} s" for k, v in result.seconds.items())
     body = [
         "<h1>visalign demo: aligning the shapes world</h1>",
         f"<p>Base model <code>{html.escape(c['base_model'])}</code>; reward <code>{html.escape(c['reward'])}"
-        f"</code>; objective <code>{html.escape(c['objective'])}</code>, {c['iterations']} iterations × "
+        "</code>"
+        + "".join(f" plus <code>{html.escape(e)}</code>" for e in c.get("extra_rewards", ())) +
+        f"; objective <code>{html.escape(c['objective'])}</code>, {c['iterations']} iterations × "
         f"{c['prompts_per_step']} prompts × {c['images_per_prompt']} samples, LoRA rank {c['lora_rank']}, lr "
         f"{c['lr']}. Evaluation prompts are never trained on. Time: {seconds}.</p>",
         "<h2>Oracle accuracy before → after</h2>", attribute_table(result),
