@@ -70,6 +70,10 @@ REWARDS: dict[str, dict[str, Any]] = {
     "vlm": {"terms": [{"scorer": "shapes-vlm", "weight": 1.0}]},
     "ensemble": {"terms": [{"scorer": "shapes-ensemble", "weight": 1.0}]},
     "uncertainty": {"terms": [{"scorer": "shapes-uncertainty", "weight": 1.0}], "uncertainty_weights": True},
+    # The oracle plus the continuous colour fidelity (shapes-colour), which prices hue drift and darkening before the
+    # oracle's chroma rule flips a colour; both verifiable from pixels. Weights 0.5 keep the total in [0, 1].
+    "oracle+colour": {"terms": [{"scorer": "shapes-oracle", "weight": 0.5, "name": "oracle"},
+                                {"scorer": "shapes-colour", "weight": 0.5, "name": "colour"}]},
     # Weights 0.5 keep the total in [0, 1] like the single-term rewards, so proxy gains compare across rows.
     "clip+vlm": {"terms": [{"scorer": "shapes-clip", "weight": 0.5, "name": "clip"},
                            {"scorer": "shapes-vlm", "weight": 0.5, "name": "vlm"}]},

@@ -126,3 +126,58 @@ def test_dropped_samples_carry_no_gradient(adapter, rollout):
     flat_pg = torch.cat([(g if g is not None else torch.zeros_like(p)).flatten()
                          for g, p in zip(direct, params.values(), strict=True)])
     assert float((flat - flat_pg).norm() / flat_pg.norm()) < 1e-4
+
+
+SHAPES_PROMPTS = ["a red circle", "two blue squares"]
+
+
+def test_anchor_is_zero_at_the_base_and_adds_the_exact_hinge_gradient_once_the_policy_moves(adapter):
+    """objective.params.anchor: mean relu(s(x0_base) − s(x0_θ)) of a differentiable scorer on the decoded one-step
+    x0 estimate, per trained step, added to the PPO loss with anchor_weight (divided by the step count like it)."""
+    from visalign.scorers import ScoreBatch, get_scorer
+
+    rollout = adapter.rollout(SHAPES_PROMPTS, images_per_prompt=4, steps=2, guidance=1.0, eta=1.0, seed=5)
+    batch = make_batch(rollout, REWARDS)
+    params = named(adapter)
+    at_base = build_objective("grpo", {"anchor": "shapes-colour"}).update(
+        batch, make_context(adapter, STEPS, GradRecorder(params)))
+    assert at_base["anchor_hinge"] == 0.0  # fresh LoRA: the policy is the base model
+
+    saved = {n: p.detach().clone() for n, p in params.items()}
+    with torch.no_grad():  # move the LoRA off zero so the policy's x0 estimates differ from the base's
+        g = torch.Generator().manual_seed(3)
+        for p in params.values():
+            p.add_(0.5 * torch.randn(p.shape, generator=g))
+    try:
+        plain, anchored = GradRecorder(params), GradRecorder(params)
+        build_objective("grpo", {}).update(batch, make_context(adapter, STEPS, plain))
+        metrics = build_objective("grpo", {"anchor": "shapes-colour", "anchor_weight": 2.0}).update(
+            batch, make_context(adapter, STEPS, anchored))
+        scorer = get_scorer("shapes-colour")
+        hinges = []
+        for j in STEPS:
+            out = adapter.recompute_step(rollout, j)
+            mine = scorer(ScoreBatch(prompts=list(rollout.prompts), media=adapter.decode(out.x0, grad=True)),
+                          grad=True).reward
+            with torch.no_grad(), adapter.lora_disabled():
+                ref = adapter.recompute_step(rollout, j)
+                base = scorer(ScoreBatch(prompts=list(rollout.prompts), media=adapter.decode(ref.x0.detach()))).reward
+            hinges.append(torch.relu(base - mine).mean())
+        expected_grad = torch.autograd.grad(2.0 * torch.stack(hinges).sum() / len(STEPS), list(params.values()),
+                                            allow_unused=True)
+    finally:
+        with torch.no_grad():
+            for n, p in params.items():
+                p.copy_(saved[n])
+    assert metrics["anchor_hinge"] == pytest.approx(torch.stack(hinges).mean().item(), rel=1e-4, abs=1e-7)
+    assert metrics["anchor_hinge"] > 0
+    diff = torch.cat([(anchored.grads[0][n] - plain.grads[0][n]).flatten() for n in params])
+    want = torch.cat([(e if e is not None else torch.zeros_like(p)).flatten()
+                      for e, p in zip(expected_grad, params.values(), strict=True)])
+    assert want.abs().max() > 0
+    torch.testing.assert_close(diff, want, rtol=1e-3, atol=1e-6)
+
+
+def test_anchor_weight_must_be_non_negative():
+    with pytest.raises(ValueError, match="anchor_weight"):
+        build_objective("grpo", {"anchor": "shapes-colour", "anchor_weight": -1.0})

@@ -11,10 +11,12 @@ absorbs). Log-probs use the mean-over-elements convention that the published cli
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor
 
+from visalign.generators.rollout import Rollout, StepOutput
 from visalign.objectives.base import MetricMeans, Objective, UpdateBatch, UpdateContext, micro_batches
 
 
@@ -28,10 +30,18 @@ class GrpoParams:
     micro_batch: int = field(default=0, metadata={"help": "Samples per optimizer step; 0 = the whole batch."})
     skip_zero_advantage: bool = field(default=True, metadata={
         "help": "Leave samples with A = 0 (zero-variance groups) out of the forward passes; they carry no gradient."})
+    anchor: str | None = field(default=None, metadata={
+        "help": "Id of a differentiable scorer (e.g. shapes-colour) whose value on the decoded one-step x0 estimate "
+                "of every trained step may not fall below the base model's (LoRA off) on the same step: a one-sided "
+                "anchor with an exact gradient; null = off."})
+    anchor_weight: float = field(default=1.0, metadata={
+        "help": "Multiplies the anchor's hinge loss mean(relu(score_base − score_policy))."})
 
     def __post_init__(self) -> None:
         if self.clip_range <= 0 or self.beta < 0 or self.inner_epochs < 1 or self.micro_batch < 0:
             raise ValueError("grpo needs clip_range > 0, beta >= 0, inner_epochs >= 1, micro_batch >= 0.")
+        if self.anchor_weight < 0:
+            raise ValueError(f"grpo anchor_weight ({self.anchor_weight}) must be >= 0.")
 
 
 def ppo_clip_loss(advantages: Tensor, log_ratio: Tensor, clip_range: float, weights: Tensor | None = None
@@ -62,6 +72,10 @@ class GrpoObjective(Objective):
 
     name = "grpo"
     Params = GrpoParams
+
+    def __init__(self, params: dict[str, Any] | None = None) -> None:
+        super().__init__(params)
+        self._anchor_scorer: Any = None  # built on first use: a scorer's weights load only when the anchor is on
 
     def update(self, batch: UpdateBatch, ctx: UpdateContext) -> dict[str, float]:
         p: GrpoParams = self.params
@@ -100,7 +114,33 @@ class GrpoObjective(Objective):
                     ref = ctx.adapter.recompute_step(sub, j)
                 kl = (((out.mean - ref.mean.detach()) ** 2) / (2 * out.std**2)).flatten(1).mean(1).mean()
                 loss = loss + p.beta * kl
+            if p.anchor is not None:
+                hinge = self._anchor_hinge(ctx, sub, out, j)
+                loss = loss + p.anchor_weight * hinge
+                metrics.add(anchor_hinge=hinge)
             (loss / len(steps)).backward()
             metrics.add(policy_loss=policy_loss, kl=kl, clipfrac=(gt | lt).float().mean(),
                         clipfrac_gt_one=gt.float().mean(), clipfrac_lt_one=lt.float().mean(),
                         approx_kl=0.5 * (log_ratio.detach() ** 2).mean(), ratio=log_ratio.detach().exp().mean())
+
+    def _anchor_hinge(self, ctx: UpdateContext, sub: Rollout, out: StepOutput, step: int) -> Tensor:
+        """mean_i relu(s(decode(x0_ref,i)) − s(decode(x0_θ,i))) of the anchor scorer s at one trained step.
+
+        Why on the one-step x0 estimate: the policy gradient sees an attribute only through the terminal reward of
+        a noisy rollout, so its noise walks the weights along directions the reward barely prices (the shapes
+        demo's hue drift); the anchor's gradient is exact and only acts once the policy is worse than the base.
+        """
+        from visalign.scorers import ScoreBatch, get_scorer
+
+        if out.x0 is None:
+            raise ValueError(f"grpo anchor: {type(ctx.adapter).__name__} does not report the one-step x0 estimate.")
+        if self._anchor_scorer is None:
+            self._anchor_scorer = get_scorer(self.params.anchor)
+        prompts = list(sub.prompts)
+        media = ctx.adapter.decode(out.x0.to(sub.latents.dtype), grad=True)
+        mine = self._anchor_scorer(ScoreBatch(prompts=prompts, media=media), grad=True).reward
+        with torch.no_grad(), ctx.adapter.lora_disabled():
+            ref = ctx.adapter.recompute_step(sub, step)
+            base = self._anchor_scorer(ScoreBatch(prompts=prompts, media=ctx.adapter.decode(
+                ref.x0.detach().to(sub.latents.dtype)))).reward
+        return torch.relu(base.to(mine.device) - mine).mean()
