@@ -80,14 +80,15 @@ def test_command_line_knobs_reach_the_training_config(tmp_path):
         train_config(DemoConfig(train_overrides=["optim.beta=[0.9, 0.99]"]), tmp_path / "align.txt", tmp_path)
     assert train.model.lora_targets == ["attn2.to_k", "attn2.to_v"]
     defaults = train_config(DemoConfig(), tmp_path / "align.txt", tmp_path)
-    assert defaults.objective.name == "draft" and defaults.objective.params == {"k": 0}
-    assert defaults.sample.eta == 0.0 and defaults.sample.sde_window is None
-    assert defaults.sample.prompts_per_step == 4 and defaults.sample.images_per_prompt == 4
-    assert [t["scorer"] for t in defaults.reward.terms] == ["shapes-clip-contrast", "shapes-oracle"]
+    assert defaults.objective.name == "grpo" and defaults.objective.params == {}
+    assert defaults.sample.eta == 1.0 and defaults.sample.sde_window == [0, 3]
+    assert defaults.sample.prompts_per_step == 8 and defaults.sample.images_per_prompt == 8
+    assert [(t["scorer"], t["weight"]) for t in defaults.reward.terms] == [
+        ("shapes-clip-contrast", 1.0), ("shapes-colour", 1.0), ("shapes-oracle", 0.0)]
     assert defaults.model.lora_targets == ["to_q", "to_k", "to_v", "to_out.0"]
-    grpo = train_config(DemoConfig(objective="grpo"), tmp_path / "align.txt", tmp_path)  # GRPO's own recipe
-    assert grpo.sample.eta == 1.0 and grpo.sample.sde_window == [0, 3] and grpo.objective.params == {}
-    assert grpo.sample.prompts_per_step == 8 and grpo.sample.images_per_prompt == 8
+    draft = train_config(DemoConfig(objective="draft"), tmp_path / "align.txt", tmp_path)  # DRaFT's own recipe
+    assert draft.objective.params == {"k": 0} and draft.sample.eta == 0.0 and draft.sample.sde_window is None
+    assert draft.sample.prompts_per_step == 4 and draft.sample.images_per_prompt == 4
 
 
 def test_extra_rewards_become_weighted_terms_beside_the_main_reward(tmp_path):
@@ -95,6 +96,7 @@ def test_extra_rewards_become_weighted_terms_beside_the_main_reward(tmp_path):
     from visalign.shapes.demo import train_config
 
     args = build_parser().parse_args(["demo", "--extra-reward", "shapes-colour:0.5", "--extra-reward", "brightness"])
+    assert build_parser().parse_args(["demo"]).extra_rewards is None  # None: DemoConfig's default applies
     config = DemoConfig(extra_rewards=args.extra_rewards)
     terms = train_config(config, tmp_path / "align.txt", tmp_path).reward.terms
     assert [(t["scorer"], t["weight"]) for t in terms] == [

@@ -13,10 +13,11 @@ import sys
 from pathlib import Path
 
 EPILOG = """examples:
-  visalign demo                                   # DRaFT + LoRA through the CLIP proxy; report in runs/demo/
-  visalign demo --objective grpo                  # GRPO on the same proxy (groups of 8, SDE window 0 3)
-  visalign demo --objective grpo --reward shapes-oracle --out runs/demo-oracle   # the verifiable reward itself
-  visalign demo --objective grpo --reward shapes-vlm --iterations 40
+  visalign demo                                   # GRPO + LoRA on the CLIP proxy + colour fidelity; runs/demo/
+  visalign demo --reward shapes-oracle --out runs/demo-oracle   # the verifiable reward itself (+ colour fidelity)
+  visalign demo --objective draft                 # reward backprop through the 10-step chain (4 x 4 samples)
+  visalign demo --extra-reward none               # the proxy alone, without the colour-fidelity term
+  visalign demo --reward shapes-vlm --iterations 40
   visalign demo --align-kinds count relation --eval-kinds single count relation   # relations too
   visalign demo --set "optim.betas=[0.98, 0.999]"   # any training key (visalign train --help-config)
   visalign demo --iterations 2 --eval-heldin 8 --eval-heldout 8 --eval-images-per-prompt 1  # a quick smoke run
@@ -35,8 +36,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="Align the built-in shapes model with a learned proxy and report the effect.",
                        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
                        description="Evaluate the shipped shapes-world model with the exact oracle, align it "
-                                   "(LoRA, reward backprop through the learned CLIP proxy by default), evaluate "
-                                   "again on prompts not used for alignment, and write runs/demo/report.html.")
+                                   "(LoRA, GRPO on the learned CLIP proxy plus a colour-fidelity term by default), "
+                                   "evaluate again on prompts not used for alignment, and write "
+                                   "runs/demo/report.html.")
     defaults = {f.name: f for f in dataclasses.fields(DemoConfig)}
     for name, kind in FLAGS.items():
         spec = defaults[name]

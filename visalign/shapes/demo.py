@@ -5,9 +5,9 @@ Stages (each announced on the console):
 1. load the shipped base pipeline (``assets/shapes/t2i``) through the ``visalign train`` Trainer (LoRA attached);
 2. *before*: sample the evaluation prompts with fixed seeds (DDIM, η = 0) and grade them with the exact oracle
    (:mod:`visalign.shapes.oracle`) and with the proxy reward;
-3. align: the Trainer's own loop (full DRaFT by default) against the proxy (``shapes-clip-contrast`` by default); the
-   oracle rides along as a zero-weight reward term so its curve on the training samples is logged next to the
-   proxy's;
+3. align: the Trainer's own loop (GRPO with an SDE window by default) against the proxy (``shapes-clip-contrast``
+   plus the ``shapes-colour`` fidelity term by default); the oracle rides along as a zero-weight reward term so its
+   curve on the training samples is logged next to the proxy's;
 4. *after*: the same prompts and seeds again, so every image pairs with its before image;
 5. ``report.html``: before/after images per prompt, reward and oracle curves, a per-attribute table and the gap
    between what the proxy says and what the oracle measures (METHODS.md §15, proxy vs gold).
@@ -58,12 +58,12 @@ class DemoConfig:
                 "classifier), shapes-clip (its cosine), shapes-vlm, shapes-oracle or any registered id."})
     # Why a colour term: every reward here pays for fewer extra objects with hues that drift and darken, and the
     # oracle only notices a hue once it crosses to another palette colour (assets/shapes/README.md, Demo, point 20).
-    extra_rewards: list[str] = field(default_factory=list, metadata={
+    extra_rewards: list[str] = field(default_factory=lambda: ["shapes-colour:1"], metadata={
         "help": "More reward terms beside --reward, each ID or ID:WEIGHT (weight 1 by default), summed with it, "
                 "e.g. shapes-colour:1 (continuous colour fidelity to the named palette colours)."})
-    objective: str = field(default="draft", metadata={
-        "help": "Objective id of the visalign train loop (draft: reward backprop through the whole chain; grpo, "
-                "raft, ...)."})
+    objective: str = field(default="grpo", metadata={
+        "help": "Objective id of the visalign train loop (grpo: group policy gradient; draft: reward backprop "
+                "through the whole chain; raft, ...)."})
     objective_params: dict[str, Any] | None = field(default=None, metadata={
         "help": "Objective hyper-parameters; null = the objective's demo recipe."})
     iterations: int = field(default=80, metadata={"help": "Rollout → score → update iterations."})
