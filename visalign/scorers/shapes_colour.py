@@ -10,7 +10,7 @@ foreground.
 
     w(p)   = σ((max_c x_c(p) − FOREGROUND) / τ)                       soft foreground mask, in (0, 1)
     s(p)   = max_k exp(−‖x(p) − c_k‖² / (3 · 2σ_c²))                  c_k: the prompt's named colours in {0,1}³
-    reward = Σ_p w(p) s(p) / (Σ_p w(p) + ε)                           in [0, 1]; 0 for a black image
+    reward = Σ_p w(p) s(p) / (Σ_p w(p) + ε)                           in [0, 1]; under 0.07 for a black image
 
 Everything is tensor ops, so reward backprop (DRaFT, AlignProp) gets a pixel gradient. It says nothing about shape,
 count or position: use it beside a scorer that does (an ensemble or a weighted reward term).
@@ -58,7 +58,8 @@ def colour_fidelity(frames: Tensor, colours: Tensor, *, sigma: float = DEFAULT_S
         colours: ``[N, K, 3]`` target colours in [0, 1].
 
     Returns:
-        ``[N]`` in [0, 1]; 1 when every foreground pixel is exactly a named colour, 0 for an all-black frame.
+        ``[N]`` in [0, 1]; 1 when every foreground pixel is exactly a named colour, under 0.07 for an all-black
+        frame (black is far from every palette colour).
     """
     from visalign.shapes.oracle import FOREGROUND
 

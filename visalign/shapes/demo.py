@@ -140,12 +140,7 @@ class DemoConfig:
         """The training reward as train-config ``reward.terms``: ``reward`` (weight 1), then ``extra_rewards``."""
         terms: list[dict[str, Any]] = [{"scorer": self.reward, "weight": 1.0}]
         for entry in self.extra_rewards:
-            scorer, _, weight = entry.partition(":")
-            try:
-                value = float(weight) if weight else 1.0
-            except ValueError:
-                raise ValueError(f"extra reward {entry!r}: the weight after ':' must be a number, e.g. "
-                                 "shapes-colour:0.5.") from None
+            scorer, value = parse_extra_reward(entry)
             if not scorer or scorer in (self.reward, ORACLE_TERM):
                 raise ValueError(f"extra reward {entry!r} must name a scorer other than the main reward "
                                  f"{self.reward!r} (and not {ORACLE_TERM!r}).")
@@ -159,6 +154,16 @@ class DemoConfig:
         for key, value in recipe.items():
             if getattr(self, key) is None:
                 setattr(self, key, copy.deepcopy(value))
+
+
+def parse_extra_reward(entry: str) -> tuple[str, float]:
+    """``"ID"`` or ``"ID:WEIGHT"`` → (scorer id, weight; 1 when left out)."""
+    scorer, _, weight = entry.partition(":")
+    try:
+        return scorer, float(weight) if weight else 1.0
+    except ValueError:
+        raise ValueError(f"extra reward {entry!r}: the weight after ':' must be a number, e.g. "
+                         "shapes-colour:0.5.") from None
 
 
 def _needs_log_probs(objective: str) -> bool:

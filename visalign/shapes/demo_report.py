@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from visalign.media import make_grid, save_image
+from visalign.shapes.demo import parse_extra_reward
 
 UPSCALE = 4
 ATTRIBUTE_ORDER = ("colour", "shape", "count", "position")
@@ -142,7 +143,7 @@ figcaption{font-size:12px}"""
 def write_report(run_dir: Path, result: Any) -> Path:
     """Write ``report.html`` (and its PNGs) into ``run_dir``; returns the report's path."""
     rows = write_pair_images(run_dir, result)
-    extras = tuple(entry.partition(":")[0] for entry in result.config.get("extra_rewards", ()))
+    extras = tuple(parse_extra_reward(entry)[0] for entry in result.config.get("extra_rewards", ()))
     oracle = "shapes-oracle" if "shapes-oracle" in (result.config["reward"], *extras) else "oracle"
     curves = plot_curves(run_dir, result.history, result.config["reward"], oracle, extras)
     c = result.config
