@@ -109,13 +109,15 @@ class GrpoObjective(Objective):
             policy_loss, gt, lt = ppo_clip_loss(adv, log_ratio, p.clip_range, w)
             loss = policy_loss
             kl = torch.zeros(())
-            if p.beta > 0:
+            ref = None
+            if p.beta > 0 or p.anchor is not None:  # the LoRA-off step, shared by the KL and the anchor
                 with torch.no_grad(), ctx.adapter.lora_disabled():
                     ref = ctx.adapter.recompute_step(sub, j)
+            if p.beta > 0:
                 kl = (((out.mean - ref.mean.detach()) ** 2) / (2 * out.std**2)).flatten(1).mean(1).mean()
                 loss = loss + p.beta * kl
             if p.anchor is not None:
-                hinge = self._anchor_hinge(ctx, sub, out, j)
+                hinge = self._anchor_hinge(ctx, sub, out, ref)
                 loss = loss + p.anchor_weight * hinge
                 metrics.add(anchor_hinge=hinge)
             (loss / len(steps)).backward()
@@ -123,8 +125,9 @@ class GrpoObjective(Objective):
                         clipfrac_gt_one=gt.float().mean(), clipfrac_lt_one=lt.float().mean(),
                         approx_kl=0.5 * (log_ratio.detach() ** 2).mean(), ratio=log_ratio.detach().exp().mean())
 
-    def _anchor_hinge(self, ctx: UpdateContext, sub: Rollout, out: StepOutput, step: int) -> Tensor:
-        """mean_i relu(s(decode(x0_ref,i)) − s(decode(x0_θ,i))) of the anchor scorer s at one trained step.
+    def _anchor_hinge(self, ctx: UpdateContext, sub: Rollout, out: StepOutput, ref: StepOutput) -> Tensor:
+        """mean_i relu(s(decode(x0_ref,i)) − s(decode(x0_θ,i))) of the anchor scorer s at one trained step, given
+        the policy's step ``out`` and the LoRA-off step ``ref``.
 
         Why on the one-step x0 estimate: the policy gradient sees an attribute only through the terminal reward of
         a noisy rollout, so its noise walks the weights along directions the reward barely prices (the shapes
@@ -132,15 +135,13 @@ class GrpoObjective(Objective):
         """
         from visalign.scorers import ScoreBatch, get_scorer
 
-        if out.x0 is None:
+        if out.x0 is None or ref.x0 is None:
             raise ValueError(f"grpo anchor: {type(ctx.adapter).__name__} does not report the one-step x0 estimate.")
         if self._anchor_scorer is None:
             self._anchor_scorer = get_scorer(self.params.anchor)
         prompts = list(sub.prompts)
         media = ctx.adapter.decode(out.x0.to(sub.latents.dtype), grad=True)
         mine = self._anchor_scorer(ScoreBatch(prompts=prompts, media=media), grad=True).reward
-        with torch.no_grad(), ctx.adapter.lora_disabled():
-            ref = ctx.adapter.recompute_step(sub, step)
-            base = self._anchor_scorer(ScoreBatch(prompts=prompts, media=ctx.adapter.decode(
-                ref.x0.detach().to(sub.latents.dtype)))).reward
+        base = self._anchor_scorer(ScoreBatch(prompts=prompts, media=ctx.adapter.decode(
+            ref.x0.detach().to(sub.latents.dtype)))).reward
         return torch.relu(base.to(mine.device) - mine).mean()
