@@ -198,7 +198,8 @@ def run_cell(objective: str, reward: str, seed: int, recipe: dict[str, Any], arg
     cpu = {"load": c1 - c0, "eval": (c2 - c1) + (c4 - c3), "curves": curve_cpu["seconds"],
            "align": c3 - c2 - curve_cpu["seconds"], "total": c4 - c0}
     wall = {"load": w1 - w0, "eval": (w2 - w1) + (w4 - w3), "align_and_curves": w3 - w2, "total": w4 - w0}
-    summary = DemoResult({}, before, after, prompts, train_summary, [], wall).summary()
+    summary = DemoResult({}, before, after, prompts, train_summary, [], wall,
+                         Path(config.run.output_dir) / "final").summary()
     # Checkpoints only serve a resume inside the cell, which the benchmark never does; the final LoRA stays.
     shutil.rmtree(Path(config.run.output_dir) / "checkpoints", ignore_errors=True)
     keep = ("train_reward_first", "train_reward_last", "reward_std_first", "reward_std_last", "diversity_first",

@@ -20,10 +20,10 @@ from visalign.shapes.demo import DemoConfig, demo_prompts, resolve_asset
 from visalign.shapes.grammar import parse_prompt
 
 BASE = resolve_asset("assets/shapes/t2i")
-PROXY = resolve_asset("assets/shapes/clip")
+PROXY = resolve_asset("assets/shapes/clip-tuned")
 needs_assets = pytest.mark.skipif(
     not (BASE / "model_index.json").is_file() or not (PROXY / "config.json").is_file(),
-    reason="assets/shapes/t2i or assets/shapes/clip is not built (visalign shapes build)")
+    reason="assets/shapes/t2i or assets/shapes/clip-tuned is not built (visalign shapes build)")
 
 
 def test_alignment_prompts_never_contain_an_evaluation_composition():
@@ -66,7 +66,7 @@ def test_config_rejects_an_empty_evaluation():
 
 def test_command_line_knobs_reach_the_training_config(tmp_path):
     from visalign.cli import build_parser
-    from visalign.shapes.demo import train_config
+    from visalign.shapes.demo import polish_config, train_config
 
     args = build_parser().parse_args(["demo", "--objective", "grpo", "--eta", "0.3", "--sde-window", "0", "3",
                                       "--lora-targets", "attn2.to_k", "attn2.to_v",
@@ -84,8 +84,20 @@ def test_command_line_knobs_reach_the_training_config(tmp_path):
     assert defaults.sample.eta == 1.0 and defaults.sample.sde_window == [0, 3]
     assert defaults.sample.prompts_per_step == 8 and defaults.sample.images_per_prompt == 8
     assert [(t["scorer"], t["weight"]) for t in defaults.reward.terms] == [
-        ("shapes-clip-contrast", 1.0), ("shapes-colour", 1.0), ("shapes-oracle", 0.0)]
+        ("shapes-clip-tuned-contrast", 1.0), ("shapes-colour", 1.0), ("shapes-oracle", 0.0)]
     assert defaults.model.lora_targets == ["to_q", "to_k", "to_v", "to_out.0"]
+    polish = train_config(polish_config(DemoConfig()), tmp_path / "align.txt", tmp_path, stage="polish",
+                          init_lora=tmp_path / "train" / "final")
+    assert polish.objective.name == "draft" and polish.objective.params == {"backprop": "last-k", "k": 2}
+    assert polish.sample.eta == 0.0 and polish.sample.sde_window is None and polish.optim.lr == 1e-3
+    assert (polish.sample.prompts_per_step, polish.sample.images_per_prompt, polish.run.iterations) == (4, 4, 40)
+    assert [(t["scorer"], t["weight"]) for t in polish.reward.terms] == [("shapes-colour", 1.0),
+                                                                         ("shapes-oracle", 0.0)]
+    assert polish.model.init_lora == str(tmp_path / "train" / "final")
+    assert polish.run.output_dir == str(tmp_path / "polish")
+    for bad in ({"polish_k": 0}, {"polish_iterations": -1}, {"polish_lr": 0.0}):
+        with pytest.raises(ValueError, match="polish"):
+            DemoConfig(**bad)
     draft = train_config(DemoConfig(objective="draft"), tmp_path / "align.txt", tmp_path)  # DRaFT's own recipe
     assert draft.objective.params == {"k": 0} and draft.sample.eta == 0.0 and draft.sample.sde_window is None
     assert draft.sample.prompts_per_step == 4 and draft.sample.images_per_prompt == 4
@@ -100,13 +112,13 @@ def test_extra_rewards_become_weighted_terms_beside_the_main_reward(tmp_path):
     config = DemoConfig(extra_rewards=args.extra_rewards)
     terms = train_config(config, tmp_path / "align.txt", tmp_path).reward.terms
     assert [(t["scorer"], t["weight"]) for t in terms] == [
-        ("shapes-clip-contrast", 1.0), ("shapes-colour", 0.5), ("brightness", 1.0), ("shapes-oracle", 0.0)]
+        ("shapes-clip-tuned-contrast", 1.0), ("shapes-colour", 0.5), ("brightness", 1.0), ("shapes-oracle", 0.0)]
     # The oracle as an extra term is trained on, so it is not added a second time as the zero-weight gold curve.
     oracle_terms = train_config(DemoConfig(extra_rewards=["shapes-oracle:2"]), tmp_path / "a.txt", tmp_path)
     assert [(t["scorer"], t["weight"]) for t in oracle_terms.reward.terms] == [
-        ("shapes-clip-contrast", 1.0), ("shapes-oracle", 2.0)]
-    for bad, match in [("shapes-colour:x", "must be a number"), ("shapes-clip-contrast:1", "other than the main"),
-                       (":1", "must name a scorer")]:
+        ("shapes-clip-tuned-contrast", 1.0), ("shapes-oracle", 2.0)]
+    for bad, match in [("shapes-colour:x", "must be a number"),
+                       ("shapes-clip-tuned-contrast:1", "other than the main"), (":1", "must name a scorer")]:
         with pytest.raises(ValueError, match=match):
             DemoConfig(extra_rewards=[bad])
 
@@ -118,7 +130,8 @@ def demo_run(tmp_path_factory):
 
     out = tmp_path_factory.mktemp("demo")
     config = DemoConfig(iterations=2, prompts_per_step=1, images_per_prompt=2, steps=3, train_fraction=0.34,
-                        eval_steps=4, eval_heldin=3, eval_heldout=3, grid_prompts=3, output_dir=str(out))
+                        eval_steps=4, eval_heldin=3, eval_heldout=3, grid_prompts=3, polish_iterations=2,
+                        output_dir=str(out))
     with torch_threads(1):  # two threads on a shared CPU made this fixture 10x slower (tiny matrices, spinning)
         return out, run_demo(config, log=lambda _: None)
 
@@ -141,6 +154,13 @@ def test_short_demo_writes_a_report_with_paired_images(demo_run):
         assert set(numbers["attributes"]) >= {"colour", "shape", "count"}
     rows = [json.loads(line) for line in (out / "train" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "reward/oracle/mean" in r] == [1, 2]  # the gold curve rides along
+    # The polish stage continued the aligned LoRA on the colour term, and its LoRA is the one evaluated and named.
+    polish = [json.loads(line) for line in (out / "polish" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in polish if "reward/shapes-colour/mean" in r] == [1, 2]
+    assert [r["step"] for r in result.history if r.get("stage") == "polish"] == [3, 4]
+    assert summary["lora_dir"] == str(out / "polish" / "final") == str(result.lora_dir)
+    assert (out / "polish" / "final" / "pytorch_lora_weights.safetensors").is_file()
+    assert "polish stage: 2 iterations of DRaFT-K" in report
     first = np.asarray(Image.open(out / "images" / "heldin-000-before.png"))
     assert first.shape == (128, 128, 3) and first.max() > 0
     # The report shows each prompt's first evaluation sample: prompt 1's is sample k of the set, not sample 1.

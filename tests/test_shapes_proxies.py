@@ -26,11 +26,13 @@ from visalign.shapes.world import all_prompt_specs, sample_scene
 ASSETS = Path(__file__).resolve().parents[1] / "assets" / "shapes"
 EVAL_IMAGES = 120
 
-# card id → {split: minimum hard-negative accuracy on build_eval_set(split, EVAL_IMAGES)}.
+# asset folder → {split: minimum hard-negative accuracy on build_eval_set(split, EVAL_IMAGES)}.
 FLOORS = {
-    "shapes-clip": {"train": 0.825, "heldout": 0.585},  # measured 0.845 / 0.605
+    "clip": {"train": 0.825, "heldout": 0.585},  # measured 0.845 / 0.605
+    # Tuned on base samples it trades some relation order on renders for count on samples; measured 0.837 / 0.646.
+    "clip-tuned": {"train": 0.815, "heldout": 0.625},
     # The shipped VLM reads colour (83%) but little else yet (assets/shapes/README.md); measured 0.570 / 0.555.
-    "shapes-vlm": {"train": 0.55, "heldout": 0.535},
+    "vlm": {"train": 0.55, "heldout": 0.535},
 }
 
 
@@ -77,13 +79,17 @@ def _score_fn(scorer):
     return score
 
 
-@pytest.mark.parametrize("card_id,folder", [("shapes-clip", "clip"), ("shapes-vlm", "vlm")])
+@pytest.mark.parametrize("card_id,folder", [("shapes-clip", "clip"), ("shapes-clip-tuned-contrast", "clip-tuned"),
+                                            ("shapes-vlm", "vlm")])
 def test_shipped_proxy_ranks_true_captions_above_hard_negatives(card_id, folder, tmp_path, monkeypatch):
     if not (ASSETS / folder / "config.json").is_file():
         pytest.skip(f"assets/shapes/{folder} is not built; run `visalign shapes build`.")
     monkeypatch.chdir(tmp_path)  # the card's relative folder must resolve against the repository, not the cwd
     scorer = get_scorer(card_id)
-    for split, floor in FLOORS[card_id].items():
+    assert scorer.card.weights["local_dir"].endswith(folder)
+    if scorer.card.params.get("mode") == "contrast":  # accuracy is a cosine comparison: the same weights as cosine
+        scorer = get_scorer("shapes-clip", weights={**scorer.card.weights})
+    for split, floor in FLOORS[folder].items():
         accuracy = hard_negative_accuracy(_score_fn(scorer), build_eval_set(split, EVAL_IMAGES), batch_size=128)
         assert accuracy["all"] >= floor, f"{card_id} {split}: {accuracy}"
     out = scorer(ScoreBatch(prompts=["a red circle", "a blue square"], media=torch.rand(2, 3, 32, 32)))

@@ -10,13 +10,13 @@ import argparse
 import dataclasses
 import json
 import sys
-from pathlib import Path
 
 EPILOG = """examples:
-  visalign demo                                   # GRPO + LoRA on the CLIP proxy + colour fidelity; runs/demo/
+  visalign demo                                   # GRPO on the tuned CLIP proxy + colour, then polish; runs/demo/
   visalign demo --reward shapes-oracle --out runs/demo-oracle   # the verifiable reward itself (+ colour fidelity)
   visalign demo --objective draft                 # reward backprop through the 10-step chain (4 x 4 samples)
   visalign demo --extra-reward none               # the proxy alone, without the colour-fidelity term
+  visalign demo --polish-iterations 0             # GRPO only, no colour-polish stage afterwards
   visalign demo --reward shapes-vlm --iterations 40
   visalign demo --align-kinds count relation --eval-kinds single count relation   # relations too
   visalign demo --set "optim.betas=[0.98, 0.999]"   # any training key (visalign train --help-config)
@@ -27,7 +27,8 @@ EPILOG = """examples:
 FLAGS = {"base_model": str, "reward": str, "objective": str, "iterations": int, "prompts_per_step": int,
          "images_per_prompt": int, "steps": int, "eta": float, "train_fraction": float, "lr": float, "lora_rank": int,
          "eval_heldin": int, "eval_heldout": int, "eval_steps": int, "eval_images_per_prompt": int,
-         "grid_prompts": int, "seed": int}
+         "grid_prompts": int, "seed": int, "polish_iterations": int, "polish_reward": str, "polish_k": int,
+         "polish_lr": float}
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -36,9 +37,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="Align the built-in shapes model with a learned proxy and report the effect.",
                        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
                        description="Evaluate the shipped shapes-world model with the exact oracle, align it "
-                                   "(LoRA, GRPO on the learned CLIP proxy plus a colour-fidelity term by default), "
-                                   "evaluate again on prompts not used for alignment, and write "
-                                   "runs/demo/report.html.")
+                                   "(LoRA, GRPO on the learned CLIP proxy plus a colour-fidelity term by default, "
+                                   "then a short reward-backprop polish of the colours), evaluate again on prompts "
+                                   "not used for alignment, and write runs/demo/report.html.")
     defaults = {f.name: f for f in dataclasses.fields(DemoConfig)}
     for name, kind in FLAGS.items():
         spec = defaults[name]
@@ -88,8 +89,6 @@ def run(args: argparse.Namespace) -> int:
         before, after = numbers["oracle_all"]
         print(f"{name}: oracle accuracy {100 * before:.1f}% → {100 * after:.1f}% "
               f"({100 * (after - before):+.1f} pts); proxy {numbers['proxy'][0]:.3f} → {numbers['proxy'][1]:.3f}")
-    final = Path(args.out) / "train" / "final"
-    eta = result.config["eta"]
-    print(f"grade the training sampler (η = {eta}, {args.steps} steps) on more prompts: visalign shapes eval "
-          f"--lora {final} --eta {eta} --steps {args.steps} --prompts 192")
+    print(f"aligned LoRA (stock diffusers load_lora_weights): {result.lora_dir}\n"
+          f"grade it on more prompts: visalign shapes eval --lora {result.lora_dir} --prompts 192")
     return 0

@@ -12,7 +12,7 @@ import argparse
 import json
 from pathlib import Path
 
-ASSETS = ("t2i", "t2v")
+ASSETS = ("t2i", "t2v", "clip-tuned")
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -41,8 +41,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                     "With --lora the base is graded first on the same seeds, so the gain is paired.",
         epilog="examples:\n"
                "  visalign shapes eval                                         # the shipped base, DDIM 20 steps\n"
-               "  visalign shapes eval --lora runs/demo/train/final --prompts 192   # aligned vs base\n"
-               "  visalign shapes eval --lora runs/demo/train/final --eta 1 --steps 10   # the GRPO training "
+               "  visalign shapes eval --lora runs/demo/polish/final --prompts 192   # aligned vs base\n"
+               "  visalign shapes eval --lora runs/demo/train/final --eta 1 --steps 10   # the GRPO stage, on its "
                "sampler")
     e.add_argument("--model", default="assets/shapes/t2i", help="Pipeline folder (default: the shipped base).")
     e.add_argument("--lora", default=None, help="LoRA folder (pytorch_lora_weights.safetensors) to grade against "
@@ -64,7 +64,8 @@ def run(args: argparse.Namespace) -> int:
     if action == "eval":
         return _eval(args)
     if action != "build":
-        raise SystemExit("usage: visalign shapes build [--only t2i|t2v] [--minutes M] [--out DIR] [--check]\n"
+        raise SystemExit("usage: visalign shapes build [--only t2i|t2v|clip-tuned] [--minutes M] [--out DIR]\n"
+                         "                             [--check]\n"
                          "       visalign shapes eval [--model DIR] [--lora DIR] [--eta E] [--steps S]")
     assets = args.only or list(ASSETS)
     out = Path(args.out)
@@ -80,6 +81,8 @@ def run(args: argparse.Namespace) -> int:
                 config.unet_minutes = args.minutes
             metrics = build_t2i(config, evaluate=not args.no_eval, prompts_dir=out / "prompts")
             metrics["check"] = record_check(out / "t2i", args.seed)
+        elif asset == "clip-tuned":
+            metrics = _build_clip_tuned(out, args.seed)
         else:
             from visalign.shapes.build_t2v import T2VBuildConfig, build_t2v
 
@@ -91,6 +94,20 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _build_clip_tuned(out: Path, seed: int) -> dict:
+    """``clip-tuned/``: the CLIP proxy fine-tuned on the base t2i's own samples, captioned by the oracle."""
+    from visalign.shapes.prompt_sets import read_prompt_set
+    from visalign.shapes.tune_proxy import TuneConfig, tune_clip_on_samples
+
+    for needed in ("clip", "t2i"):
+        if not (out / needed / "config.json").is_file() and not (out / needed / "model_index.json").is_file():
+            raise SystemExit(f"clip-tuned starts from {out / needed}, which is not built; ship or build it first.")
+    metrics = tune_clip_on_samples(out / "clip", out / "t2i", out / "clip-tuned",
+                                   read_prompt_set(out / "prompts" / "train.txt"), TuneConfig(seed=seed))
+    metrics["size_mb"] = round(sum(f.stat().st_size for f in (out / "clip-tuned").iterdir()) / 2**20, 2)
+    return {"eval": {k: metrics[k] for k in ("samples_before", "samples_after", "heldin", "heldout")}, **metrics}
+
+
 def _check(out: Path, assets: list[str]) -> int:
     from visalign.shapes.check import check_t2i
 
@@ -98,7 +115,7 @@ def _check(out: Path, assets: list[str]) -> int:
     for asset in assets:
         if asset != "t2i":
             print(json.dumps({"asset": asset, "skipped": "the check retrains the t2i UNet; the t2v build reuses "
-                                                          "its VAE and tokenizer"}))
+                                                          "its VAE and tokenizer, clip-tuned samples it"}))
             continue
         folder = out / asset
         if not (folder / "model_index.json").exists():

@@ -124,21 +124,26 @@ def iter_proxy_batches(seed: int, batch_size: int, negatives_per_image: int, aug
     rng = np.random.default_rng([seed, 1])
     generator = torch.Generator().manual_seed(seed)
     for batch in stream:
-        negatives = []
-        for spec in batch.specs:
-            kinds = list(NEGATIVE_KINDS[spec.kind])
-            chosen: list[tuple[str, PromptSpec, str]] = []
-            while len(chosen) < negatives_per_image:
-                pool = tuple(kinds)
-                if not chosen and spec.kind == "relation" and rng.random() < order_share:
-                    pool = ORDER_KINDS
-                kind, negative = sample_hard_negative(spec, rng, pool)
-                chosen.append((kind, negative, caption(negative, rng)))
-                if len(kinds) > 1:
-                    kinds.remove(kind)
-            negatives.append(chosen)
+        negatives = [sample_negatives(spec, rng, negatives_per_image, order_share) for spec in batch.specs]
         images = augment(torch.from_numpy(batch.media), generator)
         yield ProxyBatch(images, batch.specs, batch.captions, negatives)
+
+
+def sample_negatives(spec: PromptSpec, rng: np.random.Generator, count: int, order_share: float = 0.0
+                     ) -> list[tuple[str, PromptSpec, str]]:
+    """``count`` hard negatives of ``spec`` as (kind, spec, caption), of distinct kinds while kinds remain; for a
+    relation the first is an order negative (``ORDER_KINDS``) with probability ``order_share``."""
+    kinds = list(NEGATIVE_KINDS[spec.kind])
+    chosen: list[tuple[str, PromptSpec, str]] = []
+    while len(chosen) < count:
+        pool = tuple(kinds)
+        if not chosen and spec.kind == "relation" and rng.random() < order_share:
+            pool = ORDER_KINDS
+        kind, negative = sample_hard_negative(spec, rng, pool)
+        chosen.append((kind, negative, caption(negative, rng)))
+        if len(kinds) > 1:
+            kinds.remove(kind)
+    return chosen
 
 
 @dataclass
@@ -273,13 +278,13 @@ def clip_hard_negative_loss(encoder: _ClipEncoder, batch: ProxyBatch) -> Tensor:
 
 
 def _train(params: list[Tensor], step_fn: Callable[[int], Tensor], max_steps: int, minutes: float, lr: float,
-           desc: str, warmup: int = 30) -> dict[str, float]:
-    """AdamW with warm-up and cosine decay over ``max_steps``; stops early when ``minutes`` run out."""
+           desc: str, warmup: int = 30, decay: bool = True) -> dict[str, float]:
+    """AdamW with warm-up and (``decay``) cosine decay over ``max_steps``; stops early when ``minutes`` run out."""
     from tqdm import tqdm
 
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (
-        1 + math.cos(math.pi * min(s, max_steps) / max_steps)))
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(warmup, 1)) * (
+        0.5 * (1 + math.cos(math.pi * min(s, max_steps) / max_steps)) if decay else 1.0))
     start, losses, step = time.perf_counter(), [], 0
     bar = tqdm(total=max_steps, desc=desc, unit="step", dynamic_ncols=True)
     while step < max_steps and time.perf_counter() - start < 60 * minutes:

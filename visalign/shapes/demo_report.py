@@ -49,9 +49,10 @@ def write_pair_images(run_dir: Path, result: Any) -> dict[str, list[dict[str, An
 
 
 def plot_curves(run_dir: Path, history: list[dict[str, Any]], reward_name: str, oracle_name: str,
-                extra_names: tuple[str, ...] = ()) -> str | None:
+                extra_names: tuple[str, ...] = (), polish_names: tuple[str, ...] = ()) -> str | None:
     """Training-batch reward (proxy), any extra reward terms and the oracle per iteration → ``curves.png``; None
-    without matplotlib."""
+    without matplotlib. Rows tagged ``stage: polish`` follow the alignment's, behind a dashed line; their terms
+    (``polish_names``, e.g. the polish reward and the ``oracle`` monitor) are plotted where not already."""
     try:
         import matplotlib
 
@@ -59,17 +60,25 @@ def plot_curves(run_dir: Path, history: list[dict[str, Any]], reward_name: str, 
         import matplotlib.pyplot as plt
     except ImportError:
         return None
-    rows = [r for r in history if f"reward/{reward_name}/mean" in r]
-    fig, ax = plt.subplots(figsize=(6.4, 3.2), dpi=100)
-    steps = [r["step"] for r in rows]
     lines = [(reward_name, f"proxy ({reward_name})")] if reward_name != oracle_name else []
     lines += [(name, f"extra term ({name})") for name in extra_names if name != oracle_name]
-    for key, label in [*lines, (oracle_name, "oracle (gold)")]:
+    lines += [(oracle_name, "oracle (gold)")]
+    if any(r.get("stage") == "polish" for r in history):
+        # The polish stage logs its own reward and the oracle under the monitor's name; plot them as they are.
+        lines += [(name, f"polish ({name})") for name in polish_names if name not in dict(lines)]
+    rows = [r for r in history if any(f"reward/{key}/mean" in r for key, _ in lines)]
+    fig, ax = plt.subplots(figsize=(6.4, 3.2), dpi=100)
+    steps = [r["step"] for r in rows]
+    for key, label in lines:
         values = [r.get(f"reward/{key}/mean") for r in rows]
         if any(v is not None for v in values):
             ax.plot(steps, [math.nan if v is None else v for v in values], marker=".", label=label)
+    polish_start = next((r["step"] for r in rows if r.get("stage") == "polish"), None)
+    if polish_start is not None:
+        ax.axvline(polish_start - 0.5, color="grey", linestyle="--", linewidth=1)
+        ax.text(polish_start, ax.get_ylim()[0], " polish (η = 0)", color="grey", va="bottom", fontsize=8)
     ax.set_xlabel("iteration")
-    ax.set_ylabel("mean reward on training samples (η = 1)")
+    ax.set_ylabel("mean reward on training samples")
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
@@ -143,10 +152,11 @@ figcaption{font-size:12px}"""
 def write_report(run_dir: Path, result: Any) -> Path:
     """Write ``report.html`` (and its PNGs) into ``run_dir``; returns the report's path."""
     rows = write_pair_images(run_dir, result)
-    extras = tuple(parse_extra_reward(entry)[0] for entry in result.config.get("extra_rewards", ()))
-    oracle = "shapes-oracle" if "shapes-oracle" in (result.config["reward"], *extras) else "oracle"
-    curves = plot_curves(run_dir, result.history, result.config["reward"], oracle, extras)
     c = result.config
+    extras = tuple(parse_extra_reward(entry)[0] for entry in c.get("extra_rewards", ()))
+    oracle = "shapes-oracle" if "shapes-oracle" in (result.config["reward"], *extras) else "oracle"
+    polish = (c["polish_reward"], "oracle") if c.get("polish_iterations") else ()
+    curves = plot_curves(run_dir, result.history, c["reward"], oracle, extras, polish)
     seconds = ", ".join(f"{k} {v:.0f} s" for k, v in result.seconds.items())
     body = [
         "<h1>visalign demo: aligning the shapes world</h1>",
@@ -155,7 +165,11 @@ def write_report(run_dir: Path, result: Any) -> Path:
         + "".join(f" plus <code>{html.escape(e)}</code>" for e in c.get("extra_rewards", ())) +
         f"; objective <code>{html.escape(c['objective'])}</code>, {c['iterations']} iterations × "
         f"{c['prompts_per_step']} prompts × {c['images_per_prompt']} samples, LoRA rank {c['lora_rank']}, lr "
-        f"{c['lr']}. Evaluation prompts are never trained on. Time: {seconds}.</p>",
+        f"{c['lr']}"
+        + (f"; then a polish stage: {c['polish_iterations']} iterations of DRaFT-K (K = {c['polish_k']}, η = 0) "
+           f"on <code>{html.escape(c['polish_reward'])}</code>, lr {c['polish_lr']}" if c.get("polish_iterations")
+           else "")
+        + f". Evaluation prompts are never trained on. Time: {seconds}.</p>",
         "<h2>Oracle accuracy before → after</h2>", attribute_table(result),
         "<h2>Proxy vs oracle</h2>", gap_paragraph(result),
         "<h2>Training curves</h2>",

@@ -26,12 +26,18 @@ class ModelConfig:
     gradient_checkpointing: bool = field(default=False,
                                          metadata={"help": "Recompute activations in backward to save memory."})
     resolution: int | None = field(default=None, metadata={"help": "Image side in pixels; null = the model's own."})
+    init_lora: str | None = field(default=None, metadata={
+        "help": "Start from a saved LoRA folder (a run's final/ or any diffusers LoRA) instead of a fresh one; its "
+                "own rank, alpha and targets replace lora_rank, lora_alpha and lora_targets. null = fresh LoRA."})
 
     def __post_init__(self) -> None:
         if not self.model:
             raise ValueError("model.model is empty: give a hub id or a local pipeline folder.")
         if self.lora_rank < 0:
             raise ValueError(f"model.lora_rank must be >= 0 (0 = full fine-tune); got {self.lora_rank}.")
+        if self.init_lora is not None and self.lora_rank == 0:
+            raise ValueError("model.init_lora continues a LoRA, but lora_rank is 0 (full fine-tune); set lora_rank "
+                             "> 0 or drop init_lora.")
 
 
 @dataclass

@@ -101,7 +101,9 @@ class Trainer:
                 raise ValueError(f"sample.sde_window needs a generator with SDE windows (DDIM UNet or flow "
                                  f"families); {type(self.adapter).__name__} has none.")
             self.adapter.configure_sde(window=tuple(config.sample.sde_window))
-        if m.lora_rank > 0:
+        if m.init_lora is not None:
+            self.adapter.load(m.init_lora)  # a stage that continues an earlier run's adapter
+        elif m.lora_rank > 0:
             self.adapter.add_lora(LoraSpec(rank=m.lora_rank, alpha=m.lora_alpha, target_modules=list(m.lora_targets)))
         else:
             self.adapter.train_full()
