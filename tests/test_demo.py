@@ -91,8 +91,16 @@ def test_command_line_knobs_reach_the_training_config(tmp_path):
     assert polish.objective.name == "draft" and polish.objective.params == {"backprop": "last-k", "k": 2}
     assert polish.sample.eta == 0.0 and polish.sample.sde_window is None and polish.optim.lr == 1e-3
     assert (polish.sample.prompts_per_step, polish.sample.images_per_prompt, polish.run.iterations) == (4, 4, 40)
-    assert [(t["scorer"], t["weight"]) for t in polish.reward.terms] == [("shapes-colour", 1.0),
-                                                                         ("shapes-oracle", 0.0)]
+    # By default the polish backpropagates the alignment's own differentiable terms; the oracle stays the monitor.
+    assert [(t["scorer"], t["weight"]) for t in polish.reward.terms] == [
+        ("shapes-clip-tuned-contrast", 1.0), ("shapes-colour", 1.0), ("shapes-oracle", 0.0)]
+    oracle_run = DemoConfig(reward="shapes-oracle", extra_rewards=["shapes-colour:0.5"])
+    assert oracle_run.polish_terms() == [("shapes-colour", 0.5)]  # the pixel-graded oracle has no gradient
+    chosen = polish_config(DemoConfig(polish_rewards=["shapes-colour:2", "shapes-clip-tuned-contrast:1"]))
+    assert (chosen.reward, chosen.extra_rewards) == ("shapes-colour", ["shapes-clip-tuned-contrast:0.5"])
+    with pytest.raises(ValueError, match="no differentiable reward term"):
+        DemoConfig(reward="shapes-oracle", extra_rewards=[])
+    assert DemoConfig(reward="shapes-oracle", extra_rewards=[], polish_iterations=0).polish_iterations == 0
     assert polish.model.init_lora == str(tmp_path / "train" / "final")
     assert polish.run.output_dir == str(tmp_path / "polish")
     for bad in ({"polish_k": 0}, {"polish_iterations": -1}, {"polish_lr": 0.0}):
@@ -154,7 +162,7 @@ def test_short_demo_writes_a_report_with_paired_images(demo_run):
         assert set(numbers["attributes"]) >= {"colour", "shape", "count"}
     rows = [json.loads(line) for line in (out / "train" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "reward/oracle/mean" in r] == [1, 2]  # the gold curve rides along
-    # The polish stage continued the aligned LoRA on the colour term, and its LoRA is the one evaluated and named.
+    # The polish stage continued the aligned LoRA on the same reward, and its LoRA is the one evaluated and named.
     polish = [json.loads(line) for line in (out / "polish" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in polish if "reward/shapes-colour/mean" in r] == [1, 2]
     assert [r["step"] for r in result.history if r.get("stage") == "polish"] == [3, 4]

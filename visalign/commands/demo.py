@@ -16,7 +16,8 @@ EPILOG = """examples:
   visalign demo --reward shapes-oracle --out runs/demo-oracle   # the verifiable reward itself (+ colour fidelity)
   visalign demo --objective draft                 # reward backprop through the 10-step chain (4 x 4 samples)
   visalign demo --extra-reward none               # the proxy alone, without the colour-fidelity term
-  visalign demo --polish-iterations 0             # GRPO only, no colour-polish stage afterwards
+  visalign demo --polish-iterations 0             # GRPO only, no reward-backprop polish afterwards
+  visalign demo --polish-reward shapes-colour     # polish the colours alone
   visalign demo --reward shapes-vlm --iterations 40
   visalign demo --align-kinds count relation --eval-kinds single count relation   # relations too
   visalign demo --set "optim.betas=[0.98, 0.999]"   # any training key (visalign train --help-config)
@@ -27,7 +28,7 @@ EPILOG = """examples:
 FLAGS = {"base_model": str, "reward": str, "objective": str, "iterations": int, "prompts_per_step": int,
          "images_per_prompt": int, "steps": int, "eta": float, "train_fraction": float, "lr": float, "lora_rank": int,
          "eval_heldin": int, "eval_heldout": int, "eval_steps": int, "eval_images_per_prompt": int,
-         "grid_prompts": int, "seed": int, "polish_iterations": int, "polish_reward": str, "polish_k": int,
+         "grid_prompts": int, "seed": int, "polish_iterations": int, "polish_k": int,
          "polish_lr": float}
 
 
@@ -53,6 +54,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--extra-reward", dest="extra_rewards", action="append", default=None, metavar="ID[:WEIGHT]",
                    help=defaults["extra_rewards"].metadata["help"] + " Repeat for several; 'none' for no extra term. "
                         f"Default: {' '.join(defaults['extra_rewards'].default_factory()) or 'none'}.")
+    p.add_argument("--polish-reward", dest="polish_rewards", action="append", default=None, metavar="ID[:WEIGHT]",
+                   help=defaults["polish_rewards"].metadata["help"] + " Repeat for several.")
     p.add_argument("--sde-window", nargs=2, type=int, metavar=("START", "STOP"),
                    default=defaults["sde_window"].default, help=defaults["sde_window"].metadata["help"])
     p.add_argument("--objective-params", default=None, help="Objective hyper-parameters as JSON, e.g. "
@@ -79,6 +82,7 @@ def run(args: argparse.Namespace) -> int:
                             sde_window=args.sde_window, lora_targets=args.lora_targets,
                             align_kinds=args.align_kinds, eval_kinds=args.eval_kinds,
                             train_overrides=args.train_overrides, output_dir=args.out,
+                            polish_rewards=args.polish_rewards,
                             **({} if args.extra_rewards is None else
                                {"extra_rewards": [e for e in args.extra_rewards if e != "none"]}))
         result = run_demo(config)

@@ -8,8 +8,8 @@ Stages (each announced on the console):
 3. align: the Trainer's own loop (GRPO with an SDE window by default) against the proxy
    (``shapes-clip-tuned-contrast``, the CLIP proxy tuned on the base model's own samples, plus the ``shapes-colour``
    fidelity term by default); the oracle rides along as a zero-weight reward term so its curve on the training
-   samples is logged next to the proxy's. Then a short polish stage (DRaFT-K on ``shapes-colour``, η = 0) continues
-   the aligned LoRA and re-renders the hues the policy gradient let drift;
+   samples is logged next to the proxy's. Then a short polish stage (DRaFT-K on the same reward's differentiable
+   terms, η = 0) continues the aligned LoRA and re-renders the hues the policy gradient let drift;
 4. *after*: the same prompts and seeds again, so every image pairs with its before image;
 5. ``report.html``: before/after images per prompt, reward and oracle curves, a per-attribute table and the gap
    between what the proxy says and what the oracle measures (METHODS.md §15, proxy vs gold).
@@ -94,13 +94,14 @@ class DemoConfig:
     lr: float = field(default=1e-3, metadata={"help": "AdamW learning rate of the LoRA weights."})
     # Why a polish stage: the count the policy gradient gains comes with hues that drift on the deterministic
     # sampler, and no guard inside GRPO kept the one without freezing the other (assets/shapes/README.md, Demo,
-    # points 20-22). Reward backprop of a differentiable fidelity term through the last steps of the η = 0 chain
-    # re-renders the colours where they are drawn, after the early steps have settled what is drawn.
+    # points 20-22). Reward backprop of the same reward through the last steps of the η = 0 chain re-renders the
+    # colours where they are drawn, after the early steps have settled what is drawn.
     polish_iterations: int = field(default=40, metadata={
-        "help": "Iterations of the polish stage after alignment: DRaFT-K (4 prompts x 4 samples, η = 0) on "
-                "--polish-reward, continuing the aligned LoRA; 0 = no polish stage."})
-    polish_reward: str = field(default="shapes-colour", metadata={
-        "help": "Differentiable scorer id the polish stage climbs (shapes-colour: fidelity to the named colours)."})
+        "help": "Iterations of the polish stage after alignment: DRaFT-K (4 prompts x 4 samples, η = 0) continuing "
+                "the aligned LoRA; 0 = no polish stage."})
+    polish_rewards: list[str] | None = field(default=None, metadata={
+        "help": "Reward terms (ID or ID:WEIGHT) the polish stage backpropagates; null = the differentiable terms of "
+                "the alignment's own reward (by default the CLIP proxy and shapes-colour)."})
     polish_k: int = field(default=2, metadata={"help": "Polish stage: last denoising steps the gradient flows "
                                                       "through (DRaFT-K's K)."})
     polish_lr: float = field(default=1e-3, metadata={"help": "Polish stage: AdamW learning rate."})
@@ -145,6 +146,8 @@ class DemoConfig:
         if self.polish_iterations < 0 or self.polish_k < 1 or self.polish_lr <= 0:
             raise ValueError(f"polish_iterations ({self.polish_iterations}) must be >= 0 (0 = off), polish_k "
                              f"({self.polish_k}) >= 1 and polish_lr ({self.polish_lr}) > 0.")
+        if self.polish_iterations:
+            self.polish_terms()  # refuses a polish stage with nothing to backpropagate before any model loads
         if self.iterations < 1 or self.eval_heldin < 0 or self.eval_heldout < 0 or self.eval_images_per_prompt < 1:
             raise ValueError("iterations and eval_images_per_prompt must be >= 1 and eval_heldin / eval_heldout "
                              ">= 0.")
@@ -165,6 +168,22 @@ class DemoConfig:
                 raise ValueError(f"extra reward {entry!r} must name a scorer other than the main reward "
                                  f"{self.reward!r} (and not {ORACLE_TERM!r}).")
             terms.append({"scorer": scorer, "weight": value})
+        return terms
+
+    def polish_terms(self) -> list[tuple[str, float]]:
+        """(scorer id, weight) of the polish stage's reward: ``polish_rewards``, else the differentiable terms of
+        the alignment's reward (a pixel-graded oracle has no gradient to follow)."""
+        from visalign.scorers import scorer_card
+
+        if self.polish_rewards is not None:
+            terms = [parse_extra_reward(entry) for entry in self.polish_rewards]
+        else:
+            terms = [(t["scorer"], t["weight"]) for t in self.reward_terms()]
+            terms = [(scorer, weight) for scorer, weight in terms if weight and scorer_card(scorer).differentiable]
+        if not terms:
+            raise ValueError("The polish stage has no differentiable reward term to backpropagate (the alignment's "
+                             f"terms: {[t['scorer'] for t in self.reward_terms()]}); pass --polish-reward ID "
+                             "(e.g. shapes-colour) or --polish-iterations 0.")
         return terms
 
     def _fill_recipe(self) -> None:
@@ -230,12 +249,16 @@ def demo_prompts(config: DemoConfig) -> DemoPrompts:
 
 
 def polish_config(config: DemoConfig) -> DemoConfig:
-    """The polish stage as a demo config of its own: DRaFT-K on ``polish_reward`` alone, η = 0, 4 × 4 samples."""
+    """The polish stage as a demo config of its own: DRaFT-K on :meth:`DemoConfig.polish_terms`, η = 0, 4 × 4
+    samples (DRaFT's demo recipe), the alignment's training overrides left out."""
+    (reward, first), *extra = config.polish_terms()
+    # The main reward's weight is 1, so the others keep their ratio to it (Adam's step does not see a common scale).
     return replace(
         config, objective="draft", objective_params={"backprop": "last-k", "k": config.polish_k},
-        iterations=config.polish_iterations, lr=config.polish_lr, reward=config.polish_reward, extra_rewards=[],
-        eta=None, sde_window=None, prompts_per_step=None, images_per_prompt=None, train_steps_per_update=None,
-        train_overrides=[], polish_iterations=0)
+        iterations=config.polish_iterations, lr=config.polish_lr, reward=reward,
+        extra_rewards=[f"{scorer}:{weight / first}" for scorer, weight in extra], eta=None, sde_window=None,
+        prompts_per_step=None, images_per_prompt=None, train_steps_per_update=None, train_overrides=[],
+        polish_iterations=0)
 
 
 def train_config(config: DemoConfig, align_file: Path, run_dir: Path, stage: str = "train",
@@ -395,8 +418,8 @@ def run_demo(config: DemoConfig, log: Callable[[str], None] = print) -> DemoResu
     final = run_dir / "train" / "final"
     if config.polish_iterations:
         polish = polish_config(config)
-        log(f"      polish: {polish.iterations} iterations of DRaFT-K (K = {config.polish_k}) on "
-            f"{config.polish_reward!r}, continuing the aligned LoRA")
+        log(f"      polish: {polish.iterations} iterations of DRaFT-K (K = {config.polish_k}, η = 0) on "
+            + " + ".join(f"{w:g}·{name}" for name, w in config.polish_terms()) + ", continuing the aligned LoRA")
         clock = time.perf_counter()
         trainer = Trainer(train_config(polish, align_file, run_dir, stage="polish", init_lora=final))
         trainer.run(resume=False)
@@ -412,7 +435,8 @@ def run_demo(config: DemoConfig, log: Callable[[str], None] = print) -> DemoResu
     seconds["eval_after"] = time.perf_counter() - clock
     log("      " + _line(after))
 
-    result = DemoResult(asdict(config), before, after, prompts, train_summary, history, seconds, final)
+    recorded = {**asdict(config), "polish_terms": config.polish_terms() if config.polish_iterations else []}
+    result = DemoResult(recorded, before, after, prompts, train_summary, history, seconds, final)
     log("[5/5] writing the report")
     report = write_report(run_dir, result)
     (run_dir / "summary.json").write_text(json.dumps(result.summary(), indent=1), encoding="utf-8")

@@ -155,7 +155,8 @@ def write_report(run_dir: Path, result: Any) -> Path:
     c = result.config
     extras = tuple(parse_extra_reward(entry)[0] for entry in c.get("extra_rewards", ()))
     oracle = "shapes-oracle" if "shapes-oracle" in (result.config["reward"], *extras) else "oracle"
-    polish = (c["polish_reward"], "oracle") if c.get("polish_iterations") else ()
+    polish_terms = [tuple(t) for t in c.get("polish_terms", ())]
+    polish = (*(name for name, _ in polish_terms), "oracle") if polish_terms else ()
     curves = plot_curves(run_dir, result.history, c["reward"], oracle, extras, polish)
     seconds = ", ".join(f"{k} {v:.0f} s" for k, v in result.seconds.items())
     body = [
@@ -167,8 +168,8 @@ def write_report(run_dir: Path, result: Any) -> Path:
         f"{c['prompts_per_step']} prompts × {c['images_per_prompt']} samples, LoRA rank {c['lora_rank']}, lr "
         f"{c['lr']}"
         + (f"; then a polish stage: {c['polish_iterations']} iterations of DRaFT-K (K = {c['polish_k']}, η = 0) "
-           f"on <code>{html.escape(c['polish_reward'])}</code>, lr {c['polish_lr']}" if c.get("polish_iterations")
-           else "")
+           "on " + " + ".join(f"{w:g} × <code>{html.escape(name)}</code>" for name, w in polish_terms)
+           + f", lr {c['polish_lr']}" if polish_terms else "")
         + f". Evaluation prompts are never trained on. Time: {seconds}.</p>",
         "<h2>Oracle accuracy before → after</h2>", attribute_table(result),
         "<h2>Proxy vs oracle</h2>", gap_paragraph(result),
