@@ -60,6 +60,9 @@ OBJECTIVES: dict[str, dict[str, Any]] = {
               "recipe": {"eta": 0.0, "prompts_per_step": 4, "images_per_prompt": 4}, "rewards": ["clip"]},
     "alignprop": {"objective": "alignprop", "params": {"checkpoint_steps": False},
                   "recipe": {"eta": 0.0, "prompts_per_step": 4, "images_per_prompt": 4}, "rewards": ["clip"]},
+    # The demo's two stages: GRPO, then DRaFT-K backpropagating the reward's differentiable terms through the last
+    # steps of the η = 0 chain (assets/shapes/README.md, Demo, point 22). Rewards without such a term cannot run it.
+    "grpo+polish": {"objective": "grpo", "params": {}, "recipe": {"polish_iterations": 40}},
 }
 
 # Per reward: the reward.terms of the training loop; "uncertainty_weights" multiplies each sample's loss by the
@@ -80,7 +83,10 @@ REWARDS: dict[str, dict[str, Any]] = {
 }
 DEFAULT_REWARDS = ("oracle", "clip", "vlm", "ensemble", "uncertainty")
 RECIPE_KEYS = ("lr", "iterations", "prompts_per_step", "images_per_prompt", "steps", "train_steps_per_update",
-               "train_fraction", "eta", "sde_window", "guidance", "lora_rank", "align_kinds", "eval_kinds")
+               "train_fraction", "eta", "sde_window", "guidance", "lora_rank", "align_kinds", "eval_kinds",
+               "polish_iterations", "polish_k", "polish_lr")
+# The benchmark compares objectives: the demo's polish stage stays off unless a row asks for it ("grpo+polish").
+HARNESS_RECIPE = {"polish_iterations": 0}
 ORACLE = "shapes-oracle"
 
 # ---------------------------------------------------------------- one cell
@@ -95,7 +101,7 @@ def resolve_recipe(objective: str, overrides: dict[str, Any]) -> dict[str, Any]:
     from visalign.shapes.demo import DemoConfig
 
     defaults = DemoConfig(objective=OBJECTIVES[objective]["objective"])  # with that objective's demo recipe
-    recipe = {k: getattr(defaults, k) for k in RECIPE_KEYS if hasattr(defaults, k)}
+    recipe = {**{k: getattr(defaults, k) for k in RECIPE_KEYS if hasattr(defaults, k)}, **HARNESS_RECIPE}
     for where, values in ((f"OBJECTIVES[{objective!r}]['recipe']", OBJECTIVES[objective].get("recipe", {})),
                           ("--recipe", overrides)):
         unknown = sorted(set(values) - set(recipe))
@@ -103,6 +109,17 @@ def resolve_recipe(objective: str, overrides: dict[str, Any]) -> dict[str, Any]:
             raise ValueError(f"{where} has unknown key(s) {unknown}; recipe keys are {sorted(recipe)}.")
         recipe.update(values)
     return recipe
+
+
+def polish_rewards(terms: list[dict[str, Any]]) -> list[str]:
+    """``ID:WEIGHT`` entries of the reward terms a polish stage can backpropagate (weighted, differentiable)."""
+    from visalign.scorers import scorer_card
+
+    kept = [f"{t['scorer']}:{t['weight']}" for t in terms if t["weight"] and scorer_card(t["scorer"]).differentiable]
+    if not kept:
+        raise ValueError(f"a polish stage backpropagates the reward, but none of {[t['scorer'] for t in terms]} is "
+                         "differentiable; run that reward without polish_iterations.")
+    return kept
 
 
 def fingerprint(objective: str, reward: str, recipe: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
@@ -164,7 +181,7 @@ def read_curves(train_dir: Path) -> dict[str, list[float | None]]:
 def run_cell(objective: str, reward: str, seed: int, recipe: dict[str, Any], args: argparse.Namespace
              ) -> dict[str, Any]:
     """Align one cell and return its JSON-ready record (see the module docstring for what it holds)."""
-    from visalign.shapes.demo import DemoConfig, DemoResult, demo_prompts, evaluate
+    from visalign.shapes.demo import DemoConfig, DemoResult, demo_prompts, evaluate, polish_config, train_config
     from visalign.train.loop import Trainer
 
     spec = fingerprint(objective, reward, recipe, args)
@@ -174,7 +191,8 @@ def run_cell(objective: str, reward: str, seed: int, recipe: dict[str, Any], arg
     demo = DemoConfig(**recipe, reward=spec["terms"][0]["scorer"], objective=spec["objective"],
                       objective_params=dict(spec["params"]), eval_heldin=args.eval_heldin,
                       eval_heldout=args.eval_heldout, eval_steps=args.eval_steps,
-                      eval_images_per_prompt=args.eval_images_per_prompt, seed=seed, output_dir=str(run_dir))
+                      eval_images_per_prompt=args.eval_images_per_prompt, seed=seed, output_dir=str(run_dir),
+                      polish_rewards=polish_rewards(spec["terms"]) if recipe.get("polish_iterations") else None)
     prompts = demo_prompts(demo)
     curve_set = prompts.eval_sets.get("heldin") or next(iter(prompts.eval_sets.values()))
     align_file, curve_file = run_dir / "align_prompts.txt", run_dir / "curve_prompts.txt"
@@ -190,6 +208,13 @@ def run_cell(objective: str, reward: str, seed: int, recipe: dict[str, Any], arg
     before = evaluate(trainer.adapter, prompts, proxy, demo)
     c2, w2 = time.process_time(), time.perf_counter()
     train_summary = trainer.run(resume=False)
+    final = Path(config.run.output_dir) / "final"
+    if demo.polish_iterations:  # the polish is part of the aligning budget; it runs no curve evaluations
+        polish = train_config(polish_config(demo), align_file, run_dir, stage="polish", init_lora=final)
+        polish.run.progress = False
+        trainer = Trainer(polish)
+        trainer.run(resume=False)
+        final = Path(polish.run.output_dir) / "final"
     c3, w3 = time.process_time(), time.perf_counter()
     after = evaluate(trainer.adapter, prompts, proxy, demo)
     c4, w4 = time.process_time(), time.perf_counter()
@@ -198,10 +223,10 @@ def run_cell(objective: str, reward: str, seed: int, recipe: dict[str, Any], arg
     cpu = {"load": c1 - c0, "eval": (c2 - c1) + (c4 - c3), "curves": curve_cpu["seconds"],
            "align": c3 - c2 - curve_cpu["seconds"], "total": c4 - c0}
     wall = {"load": w1 - w0, "eval": (w2 - w1) + (w4 - w3), "align_and_curves": w3 - w2, "total": w4 - w0}
-    summary = DemoResult({}, before, after, prompts, train_summary, [], wall,
-                         Path(config.run.output_dir) / "final").summary()
+    summary = DemoResult({}, before, after, prompts, train_summary, [], wall, final).summary()
     # Checkpoints only serve a resume inside the cell, which the benchmark never does; the final LoRA stays.
-    shutil.rmtree(Path(config.run.output_dir) / "checkpoints", ignore_errors=True)
+    for stage in (Path(config.run.output_dir), run_dir / "polish"):
+        shutil.rmtree(stage / "checkpoints", ignore_errors=True)
     keep = ("train_reward_first", "train_reward_last", "reward_std_first", "reward_std_last", "diversity_first",
             "diversity_last", "path_kl_last", "nan_dropped", "collapse_warnings", "final_weights")
     return _clean({"objective": objective, "reward": reward, "seed": seed, "fingerprint": spec,
@@ -351,7 +376,7 @@ def plot_overoptimisation(cells: list[dict[str, Any]], out: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    markers = dict(zip(OBJECTIVES, "osD^vPX", strict=True))
+    markers = dict(zip(OBJECTIVES, "osD^vPX*", strict=True))
     rewards = sorted({c["reward"] for c in cells})
     colours = {r: plt.get_cmap("tab10")(i % 10) for i, r in enumerate(rewards)}
     fig, axes = plt.subplots(1, 2, figsize=(10, 4.2))

@@ -130,3 +130,21 @@ def test_reward_table_drives_the_train_config(bench, tmp_path):
         bench.resolve_recipe("grpo", {"learning_rate": 1e-3})
     with pytest.raises(SystemExit, match="close: .*'raft'"):
         bench.parse_args(["--objectives", "raf"])
+
+
+def test_polish_row_continues_the_grpo_lora_on_the_differentiable_terms(bench, tmp_path):
+    args = tiny_args(tmp_path)
+    args[args.index("pareto")] = "grpo+polish"
+    args[args.index("--seeds"):args.index("--seeds")] = ["--rewards", "oracle+colour"]
+    args += ["polish_iterations=1"]
+    bench.main(args)
+    cell = json.loads((tmp_path / "cells" / "grpo+polish__oracle+colour__seed0.json").read_text())
+    assert cell["fingerprint"]["recipe"]["polish_iterations"] == 1
+    run = tmp_path / "runs" / "grpo+polish__oracle+colour__seed0"
+    polish = [json.loads(line) for line in (run / "polish" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in polish if "reward/shapes-colour/mean" in r] == [1]  # the oracle has no gradient
+    assert (run / "polish" / "final" / "pytorch_lora_weights.safetensors").is_file()
+    # Rows without a polish keep it off, whatever the demo's default is.
+    assert bench.resolve_recipe("grpo", {})["polish_iterations"] == 0
+    with pytest.raises(ValueError, match="differentiable"):
+        bench.polish_rewards([{"scorer": "shapes-oracle", "weight": 1.0}])
