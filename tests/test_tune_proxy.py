@@ -53,7 +53,7 @@ def test_scenes_without_a_caption_are_refused():
 
 @pytest.mark.skipif(not (ASSETS / "t2i" / "model_index.json").is_file() or not (ASSETS / "clip").is_dir(),
                     reason="the shipped t2i and clip assets are not built")
-def test_tuning_on_a_few_samples_writes_a_loadable_proxy_and_leaves_the_source(tmp_path):
+def test_tuning_on_a_few_samples_is_deterministic_loadable_and_leaves_the_source(tmp_path):
     from visalign.shapes.prompt_sets import read_prompt_set
 
     source = ASSETS / "clip" / "model.safetensors"
@@ -73,6 +73,10 @@ def test_tuning_on_a_few_samples_writes_a_loadable_proxy_and_leaves_the_source(t
 
     new, old = load_file(str(tmp_path / "tuned" / "model.safetensors")), load_file(str(source))
     assert any(not torch.equal(new[k], old[k]) for k in old)
+    # Seeded sampling, captions and batches on one thread: the same config gives the same weights, bit for bit.
+    tune_clip_on_samples(ASSETS / "clip", ASSETS / "t2i", tmp_path / "again", prompts, config, eval_images=8)
+    again = load_file(str(tmp_path / "again" / "model.safetensors"))
+    assert all(torch.equal(new[k], again[k]) for k in new)
     scorer = get_scorer("shapes-clip-tuned-contrast", weights=str(tmp_path / "tuned"))
     out = scorer(ScoreBatch(prompts=["a red circle", "two blue squares"], media=torch.rand(2, 3, 32, 32)))
     assert out.reward.shape == (2,) and bool(((out.reward >= 0) & (out.reward <= 1)).all())
