@@ -113,9 +113,10 @@ def resolve_recipe(objective: str, overrides: dict[str, Any]) -> dict[str, Any]:
 
 def polish_rewards(terms: list[dict[str, Any]]) -> list[str]:
     """``ID:WEIGHT`` entries of the reward terms a polish stage can backpropagate (weighted, differentiable)."""
-    from visalign.scorers import scorer_card
+    from visalign.shapes.demo import differentiable_terms
 
-    kept = [f"{t['scorer']}:{t['weight']}" for t in terms if t["weight"] and scorer_card(t["scorer"]).differentiable]
+    pairs = differentiable_terms([(t["scorer"], t["weight"]) for t in terms])
+    kept = [f"{scorer}:{weight}" for scorer, weight in pairs]
     if not kept:
         raise ValueError(f"a polish stage backpropagates the reward, but none of {[t['scorer'] for t in terms]} is "
                          "differentiable; run that reward without polish_iterations.")

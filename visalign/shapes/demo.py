@@ -173,13 +173,10 @@ class DemoConfig:
     def polish_terms(self) -> list[tuple[str, float]]:
         """(scorer id, weight) of the polish stage's reward: ``polish_rewards``, else the differentiable terms of
         the alignment's reward (a pixel-graded oracle has no gradient to follow)."""
-        from visalign.scorers import scorer_card
-
         if self.polish_rewards is not None:
             terms = [parse_extra_reward(entry) for entry in self.polish_rewards]
         else:
-            terms = [(t["scorer"], t["weight"]) for t in self.reward_terms()]
-            terms = [(scorer, weight) for scorer, weight in terms if weight and scorer_card(scorer).differentiable]
+            terms = differentiable_terms([(t["scorer"], t["weight"]) for t in self.reward_terms()])
         if not terms:
             raise ValueError("The polish stage has no differentiable reward term to backpropagate (the alignment's "
                              f"terms: {[t['scorer'] for t in self.reward_terms()]}); pass --polish-reward ID "
@@ -193,6 +190,14 @@ class DemoConfig:
         for key, value in recipe.items():
             if getattr(self, key) is None:
                 setattr(self, key, copy.deepcopy(value))
+
+
+def differentiable_terms(terms: list[tuple[str, float]]) -> list[tuple[str, float]]:
+    """The (scorer id, weight) terms a reward-backprop stage can follow: weighted and differentiable (a pixel-graded
+    oracle has no gradient)."""
+    from visalign.scorers import scorer_card
+
+    return [(scorer, weight) for scorer, weight in terms if weight and scorer_card(scorer).differentiable]
 
 
 def parse_extra_reward(entry: str) -> tuple[str, float]:
@@ -248,10 +253,10 @@ def demo_prompts(config: DemoConfig) -> DemoPrompts:
     return DemoPrompts(align, eval_sets)
 
 
-def polish_config(config: DemoConfig) -> DemoConfig:
-    """The polish stage as a demo config of its own: DRaFT-K on :meth:`DemoConfig.polish_terms`, η = 0, 4 × 4
-    samples (DRaFT's demo recipe), the alignment's training overrides left out."""
-    (reward, first), *extra = config.polish_terms()
+def polish_config(config: DemoConfig, terms: list[tuple[str, float]] | None = None) -> DemoConfig:
+    """The polish stage as a demo config of its own: DRaFT-K on ``terms`` (default :meth:`DemoConfig.polish_terms`),
+    η = 0, 4 × 4 samples (DRaFT's demo recipe), the alignment's training overrides left out."""
+    (reward, first), *extra = terms if terms is not None else config.polish_terms()
     # The main reward's weight is 1, so the others keep their ratio to it (Adam's step does not see a common scale).
     return replace(
         config, objective="draft", objective_params={"backprop": "last-k", "k": config.polish_k},
@@ -416,10 +421,11 @@ def run_demo(config: DemoConfig, log: Callable[[str], None] = print) -> DemoResu
     seconds["align"] = time.perf_counter() - clock
     history = read_metrics(run_dir / "train")
     final = run_dir / "train" / "final"
-    if config.polish_iterations:
-        polish = polish_config(config)
+    polish_terms = config.polish_terms() if config.polish_iterations else []
+    if polish_terms:
+        polish = polish_config(config, polish_terms)
         log(f"      polish: {polish.iterations} iterations of DRaFT-K (K = {config.polish_k}, η = 0) on "
-            + " + ".join(f"{w:g}·{name}" for name, w in config.polish_terms()) + ", continuing the aligned LoRA")
+            + " + ".join(f"{w:g}·{name}" for name, w in polish_terms) + ", continuing the aligned LoRA")
         clock = time.perf_counter()
         trainer = Trainer(train_config(polish, align_file, run_dir, stage="polish", init_lora=final))
         trainer.run(resume=False)
@@ -435,7 +441,7 @@ def run_demo(config: DemoConfig, log: Callable[[str], None] = print) -> DemoResu
     seconds["eval_after"] = time.perf_counter() - clock
     log("      " + _line(after))
 
-    recorded = {**asdict(config), "polish_terms": config.polish_terms() if config.polish_iterations else []}
+    recorded = {**asdict(config), "polish_terms": polish_terms}
     result = DemoResult(recorded, before, after, prompts, train_summary, history, seconds, final)
     log("[5/5] writing the report")
     report = write_report(run_dir, result)

@@ -154,7 +154,7 @@ def write_report(run_dir: Path, result: Any) -> Path:
     rows = write_pair_images(run_dir, result)
     c = result.config
     extras = tuple(parse_extra_reward(entry)[0] for entry in c.get("extra_rewards", ()))
-    oracle = "shapes-oracle" if "shapes-oracle" in (result.config["reward"], *extras) else "oracle"
+    oracle = "shapes-oracle" if "shapes-oracle" in (c["reward"], *extras) else "oracle"
     polish_terms = [tuple(t) for t in c.get("polish_terms", ())]
     polish = (*(name for name, _ in polish_terms), "oracle") if polish_terms else ()
     curves = plot_curves(run_dir, result.history, c["reward"], oracle, extras, polish)
