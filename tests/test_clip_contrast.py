@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from tests.tiny.clip import build_hf_clip
-from visalign.scorers import ScoreBatch, get_scorer
-from visalign.scorers.contrasts import contrast_set
+from visalign.scorers import ScoreBatch, get_scorer, scorer_card
+from visalign.scorers.contrasts import CONTRAST_SETS, contrast_set
 from visalign.shapes.grammar import canonical_caption, parse_prompt
 from visalign.shapes.negatives import CONTRAST_GROUPS, contrast_captions, hard_negatives_by_kind
 from visalign.shapes.oracle import grade_images
@@ -54,12 +54,27 @@ def test_contrast_reward_has_a_gradient_to_the_pixels(hf_dir):
 
 
 def test_unknown_contrast_set_and_bad_temperature_fail_at_construction():
-    with pytest.raises(ValueError, match="Unknown contrast set 'nope'"):
+    with pytest.raises(ValueError, match="Card 'shapes-clip-contrast': unknown contrast set 'nope'"):
         get_scorer("shapes-clip-contrast", params={"contrasts": "nope"})
+    with pytest.raises(ValueError, match="Card 'shapes-clip-contrast': contrast set 'no_such.module:f' .*cannot be "
+                                         "imported"):
+        get_scorer("shapes-clip-contrast", params={"contrasts": "no_such.module:f"})
+    with pytest.raises(ValueError, match="Card 'shapes-clip-contrast': contrast set "
+                                         "'visalign.shapes.negatives:nope' .*cannot be imported"):
+        get_scorer("shapes-clip-contrast", params={"contrasts": "visalign.shapes.negatives:nope"})
     with pytest.raises(ValueError, match="temperature"):
         get_scorer("shapes-clip-contrast", params={"temperature": 0.0})
-    with pytest.raises(ValueError, match="Unknown contrast set"):
+    with pytest.raises(ValueError, match="unknown contrast set"):
         contrast_set("nope")
+
+
+def test_contrast_sets_are_import_paths_or_registered_names():
+    """The shipped cards name the shapes set by import path; a user-registered short name works as well."""
+    for card in ("shapes-clip-contrast", "shapes-clip-tuned-contrast"):
+        assert contrast_set(scorer_card(card).params["contrasts"]) is contrast_captions
+    assert "shapes" not in CONTRAST_SETS  # the generic package names no world
+    CONTRAST_SETS.add_builtin("test-shapes", "visalign.shapes.negatives:contrast_captions")
+    assert contrast_set("test-shapes", card_id="mine") is contrast_captions
 
 
 def test_shapes_contrast_groups_are_one_attribute_each_and_false():

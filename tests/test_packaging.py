@@ -38,3 +38,16 @@ def test_wheel_carries_every_card_and_a_plain_install_lists_them(tmp_path):
     value = subprocess.run([sys.executable, "-c", code], check=True, cwd=tmp_path, env=env, capture_output=True,
                            text=True).stdout.strip()
     assert 0.0 <= float(value) <= 1.0
+
+    # A shipped recipe's prompt files (../assets/... relative to the recipe) and the shapes world's prompt_file
+    # resolve inside the install, where pipelines/ is visalign/recipes and assets/ is visalign/assets.
+    code = ("import visalign, pathlib; from visalign.train.config import load_train_config; "
+            "from visalign.shapes.prompt_sets import prompt_file; "
+            "c = load_train_config(pathlib.Path(visalign.__file__).parent / 'recipes' / 'shapes-grpo-clip.yaml'); "
+            "print(c.sample.prompts); print(c.eval.prompts); print(prompt_file('train').resolve())")
+    paths = subprocess.run([sys.executable, "-c", code], check=True, cwd=tmp_path, env=env, capture_output=True,
+                           text=True).stdout.splitlines()
+    installed = target.resolve()
+    assert len(paths) == 3 and all(Path(p).is_file() and Path(p).resolve().is_relative_to(installed) for p in paths)
+    shipped = (ROOT / "assets" / "shapes" / "prompts" / "train.txt").read_text()
+    assert Path(paths[0]).read_text() == Path(paths[2]).read_text() == shipped

@@ -17,7 +17,7 @@ PROMPTS = ["two red circles", "a blue square above a green triangle", "a cyan tr
 
 
 def _reference(image: np.ndarray, colours: list[tuple[int, int, int]], sigma: float, tau: float) -> float:
-    """Per pixel, by loops over the named colours: the formula of visalign.scorers.shapes_colour."""
+    """Per pixel, by loops over the named colours: the formula of visalign.shapes.colour_scorer."""
     x = image.astype(np.float64)
     weight = 1 / (1 + np.exp(-(x.max(axis=0) - FOREGROUND) / tau))
     sims = [np.exp(-((x - np.array(c, dtype=np.float64)[:, None, None] / 255) ** 2).mean(axis=0) / (2 * sigma**2))

@@ -126,13 +126,18 @@ def test_logger_writes_jsonl_image_and_video_grids(tmp_path):
     assert any((tmp_path / "tensorboard").iterdir())
 
 
-def test_builtin_prompt_sets():
+def test_shipped_prompt_sets_are_files():
+    """The shapes world's sets are plain files the generic reader reads; an old ``shapes:<set>`` name is a missing
+    file whose error says where the sets went."""
+    from visalign.registry import UnknownIdError
     from visalign.scoring import InputError
-    from visalign.shapes.prompt_sets import build_prompt_sets
-    from visalign.train.prompts import list_prompt_sets, read_prompt_table
+    from visalign.shapes.prompt_sets import build_prompt_sets, list_prompt_sets, prompt_file
+    from visalign.train.prompts import read_prompt_table
 
-    assert "shapes:train" in list_prompt_sets() and "shapes:heldin_eval" in list_prompt_sets()
-    prompts, meta = read_prompt_table("shapes:train")
+    assert "train" in list_prompt_sets() and "heldin_eval" in list_prompt_sets()
+    prompts, meta = read_prompt_table(prompt_file("train"))
     assert prompts == build_prompt_sets()["train.txt"] and meta == [{}] * len(prompts)
-    with pytest.raises(InputError, match="Unknown built-in prompt set 'shapes:trian'; known: \\['shapes:"):
-        read_prompt_table("shapes:trian")
+    with pytest.raises(UnknownIdError, match="Unknown shapes prompt set 'trian'.* Known: heldin_eval"):
+        prompt_file("trian")
+    with pytest.raises(InputError, match="shapes:train: no such file.*assets/shapes/prompts/train.txt"):
+        read_prompt_table("shapes:train")

@@ -12,7 +12,6 @@ from visalign.objectives.base import OBJECTIVES
 from visalign.registry import import_object, is_import_path
 from visalign.scorers import list_scorers
 from visalign.train.config import load_train_config
-from visalign.train.prompts import list_prompt_sets
 
 RECIPES = sorted((REPO / "pipelines").glob("*.yaml"))
 MODELS = ("sd15", "sdxl", "sd35-medium", "flux1-dev", "wan21-1.3b")
@@ -41,9 +40,7 @@ def test_recipe_validates_and_names_known_components(recipe: Path):
         else:
             assert scorer in known, f"{recipe.name}: unknown scorer {scorer!r}"
     for prompts in (config.sample.prompts, config.eval.prompts):
-        if prompts and prompts.startswith("shapes:"):
-            assert prompts in list_prompt_sets(), f"{recipe.name}: unknown built-in prompt set {prompts}"
-        elif prompts:
+        if prompts:
             assert Path(prompts).is_file(), f"{recipe.name}: prompt file {prompts} does not exist"
     assert config.run.output_dir.startswith("runs/"), "recipes write under runs/, never over each other"
     assert Path(config.run.output_dir).name == recipe.stem

@@ -18,9 +18,9 @@ Modes (METHODS.md §12 and §6b):
 - ``lambda-harmonic``: ``1 / (λ/(s_I + 1e-8) + (1 − λ)/(s_T + 1e-8))`` with both cosines mapped by ``(s + 1)/2``
   (RPO, andrew-miao/RPO evaluation_metrics.py).
 - ``contrast``: CLIP as a zero-shot classifier over the prompt's near misses: for each group ``[t₀ … t_K]`` of the
-  card's ``contrasts`` set (:mod:`visalign.scorers.contrasts`; one group per attribute), ``softmax(s·cos(img,
-  t_k))₀``, averaged over the groups; ``s = exp(logit_scale)`` unless the card gives ``temperature`` (then
-  ``s = 1/temperature``); in [0, 1].
+  card's ``contrasts`` set (an import path ``module:function``, :mod:`visalign.scorers.contrasts`; one group per
+  attribute), ``softmax(s·cos(img, t_k))₀``, averaged over the groups; ``s = exp(logit_scale)`` unless the card
+  gives ``temperature`` (then ``s = 1/temperature``); in [0, 1].
 
 Preprocessing is tensor operations only (resize the shortest side with antialiasing, centre crop, normalise), so
 ``grad=True`` returns gradients to the pixels. Videos ``[B, T, 3, H, W]`` score as the mean of per-frame scores.
@@ -393,7 +393,7 @@ class ClipScorer(Scorer):
         if mode == "lambda-harmonic" and not 0.0 <= self.lam <= 1.0:
             raise ValueError(f"Card {self.id!r}: params.lam must be in [0, 1]; got {self.lam}.")
         if mode == "contrast":
-            contrast_set(str(self.card.params.get("contrasts")))  # raises, naming the known sets
+            contrast_set(str(self.card.params.get("contrasts")), card_id=self.id)  # raises, naming card and value
             if float(self.card.params.get("temperature", 1.0)) <= 0:
                 raise ValueError(f"Card {self.id!r}: params.temperature must be > 0.")
 
@@ -485,7 +485,7 @@ class ClipScorer(Scorer):
         sample averages its own rows. Extras: ``cosine`` (to ``t₀``) and ``margin``, ``cos(t₀)`` minus the largest
         cosine of any negative.
         """
-        captions = contrast_set(str(self.card.params["contrasts"]))
+        captions = contrast_set(str(self.card.params["contrasts"]), card_id=self.id)
         groups = {p: captions(p) for p in dict.fromkeys(prompts)}
         texts = list(dict.fromkeys(t for p_groups in groups.values() for g in p_groups for t in g))
         row = {t: i for i, t in enumerate(texts)}

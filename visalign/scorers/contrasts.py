@@ -10,31 +10,47 @@ A contrast set is a function ``prompt → groups``, each group ``[t₀, t₁, �
 itself (it may be a normalised wording of it) and ``t₁…t_K`` are captions that are false whenever the prompt is
 true. Each group is one question (which colour? how many?); the reward is the mean over groups of the probability
 of ``t₀`` within its group, so every attribute weighs the same, as in GenEval-style graders, however many wrong
-answers it has. Sets are named in a table (``module:function``) and imported on first use, so a card names one
-without importing its world.
+answers it has. A card names its set by import path (``params.contrasts: package.module:function``), imported on
+first use: this package names no world, and reading a card imports none. Short names can also be registered in
+:data:`CONTRAST_SETS` (empty here), e.g. ``CONTRAST_SETS.add_builtin("mine", "my_pkg.sets:captions")``.
 """
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Callable
-from functools import cache
 
-# name → "module:function" of a ``prompt → [[t0, t1, ..., tK], ...]`` function.
-CONTRAST_SETS: dict[str, str] = {
-    "shapes": "visalign.shapes.negatives:contrast_captions",
-}
+from visalign.registry import Registry, UnknownIdError
+
+ContrastSet = Callable[[str], list[list[str]]]
+
+# name → a ``prompt → [[t0, t1, ..., tK], ...]`` function (or its "module:function"); empty by default, for users.
+CONTRAST_SETS: Registry[ContrastSet] = Registry("contrast set")
 
 
-@cache
-def contrast_set(name: str) -> Callable[[str], list[list[str]]]:
-    """The contrast-set function registered as ``name``.
+def contrast_set(spec: str, *, card_id: str | None = None) -> ContrastSet:
+    """The contrast-set function that ``spec`` names.
+
+    Args:
+        spec: an import path ``"package.module:function"`` of a ``prompt → [[t0, t1, …, tK], …]`` function, or a
+            name registered in :data:`CONTRAST_SETS`.
+        card_id: the card whose ``params.contrasts`` this is, named in errors.
+
+    Returns:
+        The function (a callable taking one prompt string and returning its groups of captions).
 
     Raises:
-        ValueError: naming the known sets when ``name`` is not one of them.
+        ValueError: naming the card and ``spec`` when it is neither a registered name nor an importable callable.
     """
-    if name not in CONTRAST_SETS:
-        raise ValueError(f"Unknown contrast set {name!r}; known: {sorted(CONTRAST_SETS)} "
-                         "(visalign.scorers.contrasts.CONTRAST_SETS).")
-    module, function = CONTRAST_SETS[name].split(":")
-    return getattr(importlib.import_module(module), function)
+    where = f"Card {card_id!r}: " if card_id else ""
+    try:
+        function = CONTRAST_SETS.get(spec)
+    except UnknownIdError:
+        raise ValueError(f"{where}unknown contrast set {spec!r} (params.contrasts); give an import path "
+                         f"'package.module:function' or a name registered in visalign.scorers.contrasts."
+                         f"CONTRAST_SETS (registered: {CONTRAST_SETS.list()}).") from None
+    except ImportError as err:
+        raise ValueError(f"{where}contrast set {spec!r} (params.contrasts) cannot be imported: {err}") from err
+    if not callable(function):
+        raise ValueError(f"{where}contrast set {spec!r} (params.contrasts) is a {type(function).__name__}, "
+                         "not a function prompt → groups of captions.")
+    return function

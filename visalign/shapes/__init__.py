@@ -7,6 +7,9 @@ Modules (import what you need; nothing here is imported eagerly):
 - ``grammar``: captions with paraphrases and the exact inverse, ``parse_prompt``;
 - ``render``: anti-aliased numpy/PIL rendering to canonical float pixels ``[3, H, W]`` / ``[T, 3, H, W]``;
 - ``oracle``: GenEval-style grading of any image or clip against its prompt, from pixels alone;
-- ``prompt_sets``: the shipped prompt files in ``assets/shapes/prompts``;
+- ``oracle_scorer``, ``colour_scorer``: the oracle and a differentiable colour-fidelity reward as scorers (cards
+  ``shapes-oracle``, ``shapes-oracle-video``, ``shapes-colour``);
+- ``negatives``: one-attribute hard negatives and the contrast set the ``shapes-clip-*-contrast`` cards name;
+- ``prompt_sets``: the shipped prompt files in ``assets/shapes/prompts`` (``prompt_file("train")`` is one's path);
 - ``build``: groundwork of ``visalign shapes build`` (seeded data streams, the word-level CLIP tokenizer).
 """

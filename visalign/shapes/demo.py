@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
+PACKAGE_ROOT = Path(__file__).resolve().parents[1]
 ORACLE_TERM = "oracle"
 
 
@@ -217,10 +218,13 @@ def _needs_log_probs(objective: str) -> bool:
 
 
 def resolve_asset(path: str | Path) -> Path:
-    """A shipped asset path: absolute as is, else the working directory's, else the repository's."""
+    """A shipped asset path: absolute as is, else the working directory's, else the repository's, else the installed
+    package's (a non-editable install ships ``assets/`` as ``visalign/assets``)."""
     p = Path(path).expanduser()
     if p.is_absolute() or p.exists():
         return p
+    if not (REPO_ROOT / p).exists() and (PACKAGE_ROOT / p).exists():
+        return PACKAGE_ROOT / p
     return REPO_ROOT / p
 
 

@@ -142,9 +142,10 @@ def hard_negatives_by_kind(spec: PromptSpec) -> dict[str, list[PromptSpec]]:
 def contrast_captions(prompt: str) -> list[list[str]]:
     """Contrast groups of a shapes prompt: per attribute, ``[t0, negatives...]`` (canonical captions).
 
-    The contrast set ``shapes`` of :mod:`visalign.scorers.contrasts`: ``t0`` is the prompt's canonical caption, and
-    each group holds the negatives that answer one attribute differently (``CONTRAST_GROUPS``). One template per kind,
-    so a softmax over a group compares content, not wording.
+    The shapes world's contrast set (:mod:`visalign.scorers.contrasts`; cards name it as ``params.contrasts:
+    visalign.shapes.negatives:contrast_captions``): ``t0`` is the prompt's canonical caption, and each group holds
+    the negatives that answer one attribute differently (``CONTRAST_GROUPS``). One template per kind, so a softmax
+    over a group compares content, not wording.
     """
     from visalign.shapes.grammar import canonical_caption, parse_prompt
 

@@ -13,6 +13,9 @@ Files (one caption per line):
 
 Wordings are drawn from the grammar's paraphrases with the seed, so evaluation also covers paraphrases.
 :func:`visalign.shapes.world.split_of` of a parsed line tells which split any prompt belongs to.
+
+Recipes and the trainer read these sets as plain files (``../assets/shapes/prompts/train.txt`` from ``pipelines/``);
+:func:`prompt_file` gives the path of a shipped one, in a checkout or after an install.
 """
 
 from __future__ import annotations
@@ -22,10 +25,15 @@ from pathlib import Path
 
 import numpy as np
 
+from visalign.registry import UnknownIdError, unknown_id_message
+from visalign.shapes.demo import resolve_asset
 from visalign.shapes.grammar import all_captions, caption
 from visalign.shapes.world import PromptSpec, prompt_specs, sample_motion_spec, sample_prompt_spec
 
 DEFAULT_SEED = 0
+SHIPPED_DIR = "assets/shapes/prompts"
+# In this order: set i draws from the child generator [seed, i], so the order is part of every shipped file.
+SET_NAMES = ("train", "heldin_eval", "heldout_compositions", "video_train", "video_eval")
 HELDIN_EVAL_SIZE = 192
 HELDOUT_EVAL_SIZE = 192
 VIDEO_HELDIN_EVAL_SIZE = 24
@@ -36,8 +44,7 @@ def build_prompt_sets(seed: int = DEFAULT_SEED) -> dict[str, list[str]]:
 
     Each set draws from its own child generator, so growing one set never reshuffles another.
     """
-    rngs = {name: np.random.default_rng([seed, i]) for i, name in enumerate(
-        ("train", "heldin_eval", "heldout_compositions", "video_train", "video_eval"))}
+    rngs = {name: np.random.default_rng([seed, i]) for i, name in enumerate(SET_NAMES)}
 
     def one_each(specs: list[PromptSpec], rng: np.random.Generator) -> list[str]:
         return [caption(s, rng) for s in specs]
@@ -72,6 +79,23 @@ def write_prompt_sets(folder: str | Path, seed: int = DEFAULT_SEED) -> list[Path
     return paths
 
 
+def list_prompt_sets() -> list[str]:
+    """Names of the shipped prompt sets (``heldin_eval``, ``train``, ...; the file stems), sorted."""
+    return sorted(SET_NAMES)
+
+
+def prompt_file(name: str) -> Path:
+    """Path of the shipped prompt file of set ``name`` (``assets/shapes/prompts/<name>.txt``), found as
+    :func:`visalign.shapes.demo.resolve_asset` finds every shipped asset.
+
+    Raises:
+        UnknownIdError: naming the known sets when ``name`` is not one of them.
+    """
+    if name not in list_prompt_sets():
+        raise UnknownIdError(unknown_id_message("shapes prompt set", name, list_prompt_sets()))
+    return resolve_asset(f"{SHIPPED_DIR}/{name}.txt")
+
+
 def read_prompt_set(path: str | Path) -> list[str]:
     """The captions of one prompt file (blank lines skipped)."""
     return [line.strip() for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
@@ -79,7 +103,7 @@ def read_prompt_set(path: str | Path) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Write the shapes world's prompt sets.")
-    parser.add_argument("--out", default="assets/shapes/prompts", help="Folder to write the .txt files into.")
+    parser.add_argument("--out", default=SHIPPED_DIR, help="Folder to write the .txt files into.")
     parser.add_argument("--seed", type=int, default=DEFAULT_SEED, help="Seed of the wordings and samples.")
     args = parser.parse_args(argv)
     for path in write_prompt_sets(args.out, args.seed):

@@ -1,13 +1,13 @@
 """Prompt sources for training and evaluation: files in, a seeded, resumable stream out.
 
-A ``.txt`` file holds one prompt per line; ``shapes:<set>`` names a built-in set of the shapes world. A ``.jsonl``
-or ``.csv`` table holds a ``prompt`` column and any metadata columns (e.g. the objects a GenEval-style scorer should
-find, or a reference image path); the metadata of each prompt travels with its samples to the scorers
-(``ScoreBatch.metadata``).
+A prompt source is a file. A ``.txt`` file holds one prompt per line. A ``.jsonl`` or ``.csv`` table holds a
+``prompt`` column and any metadata columns (e.g. the objects a GenEval-style scorer should find, or a reference image
+path); the metadata of each prompt travels with its samples to the scorers (``ScoreBatch.metadata``).
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,37 +16,26 @@ import torch
 
 from visalign.scoring import InputError, read_table, read_text_lines
 
-# Built-in prompt sets: ``shapes:<name>`` is the shapes world's set ``<name>`` (visalign.shapes.prompt_sets), built
-# in code from the grammar, so a recipe that names one works after a non-editable install, without assets/.
-BUILTIN_PREFIX = "shapes:"
-
-
-def list_prompt_sets() -> list[str]:
-    """The built-in prompt set names (``shapes:train``, ``shapes:heldin_eval``, ...), sorted."""
-    from visalign.shapes.prompt_sets import build_prompt_sets
-
-    return sorted(BUILTIN_PREFIX + Path(name).stem for name in build_prompt_sets())
+# A missing source that looks like ``<world>:<set>``: recipes once named built-in sets that way, and those are files
+# now, so the error says where such a set went rather than only "no such file".
+_SET_NAME = re.compile(r"[A-Za-z_][\w-]*:[\w-]+")
 
 
 def read_prompt_table(path: str | Path) -> tuple[list[str], list[dict[str, Any]]]:
-    """``(prompts, metadata)`` of a prompt file or built-in set: metadata is one dict per prompt (the other columns
-    of a table; empty dicts for a ``.txt`` or a built-in set). Blank prompts are skipped.
+    """``(prompts, metadata)`` of a prompt file: metadata is one dict per prompt (the other columns of a table; empty
+    dicts for a ``.txt``). Blank prompts are skipped.
 
     Args:
-        path: a ``.txt``, ``.jsonl`` or ``.csv`` file, or a built-in set name such as ``shapes:train``.
+        path: a ``.txt``, ``.jsonl`` or ``.csv`` file.
 
     Raises:
-        InputError: for a missing file or unknown set, a table without a ``prompt`` column, or no prompts.
+        InputError: for a missing file, a table without a ``prompt`` column, or no prompts.
     """
-    if str(path).startswith(BUILTIN_PREFIX):
-        from visalign.shapes.prompt_sets import build_prompt_sets
-
-        sets = {BUILTIN_PREFIX + Path(name).stem: lines for name, lines in build_prompt_sets().items()}
-        if str(path) not in sets:
-            raise InputError(f"Unknown built-in prompt set {str(path)!r}; known: {sorted(sets)}, or a file path.")
-        prompts = list(sets[str(path)])
-        return prompts, [{} for _ in prompts]
     path = Path(path)
+    if not path.is_file() and _SET_NAME.fullmatch(str(path)):
+        raise InputError(f"{path}: no such file. Prompt sources are files: a named set such as shapes:train is now "
+                         "a file such as assets/shapes/prompts/train.txt (a relative path is resolved against the "
+                         "recipe's folder, then the working folder).")
     if path.suffix.lower() in (".jsonl", ".csv"):
         rows = read_table(path)
         if rows and not all(isinstance(row, dict) and "prompt" in row for row in rows):

@@ -23,8 +23,11 @@ from torch import Tensor
 
 from visalign.scorers.base import RawScore, ScoreBatch, Scorer
 from visalign.scorers.card import ScorerCard
+from visalign.shapes.grammar import parse_prompt
+from visalign.shapes.oracle import FOREGROUND
+from visalign.shapes.world import COLOURS, CountPrompt, MotionPrompt, RelationPrompt
 
-# Same threshold as the oracle's foreground (visalign.shapes.oracle.FOREGROUND), softened over about ±2τ.
+# The foreground mask is the oracle's threshold (FOREGROUND), softened over about ±2τ.
 DEFAULT_TEMPERATURE = 0.05
 # Per-channel tolerance: a pixel 0.25 off its colour in every channel keeps exp(-0.5) ≈ 0.61 of the reward.
 DEFAULT_SIGMA = 0.25
@@ -33,9 +36,6 @@ _EPS = 1e-6
 
 def named_colours(prompts: list[str], device: torch.device, dtype: torch.dtype) -> Tensor:
     """The palette colours each prompt names, as ``[B, K, 3]`` in {0, 1} (K = 2; a one-colour prompt repeats it)."""
-    from visalign.shapes.grammar import parse_prompt
-    from visalign.shapes.world import COLOURS, CountPrompt, MotionPrompt, RelationPrompt
-
     rows = []
     for prompt in prompts:
         spec = parse_prompt(prompt)
@@ -61,8 +61,6 @@ def colour_fidelity(frames: Tensor, colours: Tensor, *, sigma: float = DEFAULT_S
         ``[N]`` in [0, 1]; 1 when every foreground pixel is exactly a named colour, under 0.07 for an all-black
         frame (black is far from every palette colour).
     """
-    from visalign.shapes.oracle import FOREGROUND
-
     weight = torch.sigmoid((frames.amax(dim=1) - FOREGROUND) / temperature)  # [N, H, W]
     diff = frames.unsqueeze(1) - colours[:, :, :, None, None]  # [N, K, 3, H, W]
     sim = torch.exp(-diff.pow(2).mean(dim=2) / (2 * sigma**2)).amax(dim=1)  # [N, H, W]

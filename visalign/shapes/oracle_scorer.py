@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from visalign.scorers.base import RawScore, ScoreBatch, Scorer
+from visalign.shapes.oracle import grade
 
 
 class ShapesOracleScorer(Scorer):
@@ -41,8 +42,6 @@ class ShapesOracleScorer(Scorer):
     """
 
     def score_raw(self, batch: ScoreBatch) -> RawScore:
-        from visalign.shapes.oracle import grade
-
         assert batch.media is not None  # check_batch guarantees media for image/video scorers
         result = grade(batch.media.detach().float().cpu().numpy(), batch.prompts)
         extras = {name: torch.from_numpy(values) for name, values in result.attributes.items()}
