@@ -66,7 +66,7 @@ OBJECTIVES: dict[str, dict[str, Any]] = {
 }
 
 # Per reward: the reward.terms of the training loop; "uncertainty_weights" multiplies each sample's loss by the
-# uncertainty scorer's extras weight (objective.uncertainty_weights).
+# uncertainty scorer's extras weight (reward.uncertainty_weights).
 REWARDS: dict[str, dict[str, Any]] = {
     "oracle": {"terms": [{"scorer": "shapes-oracle", "weight": 1.0}]},
     "clip": {"terms": [{"scorer": "shapes-clip", "weight": 1.0}]},
@@ -143,8 +143,8 @@ def build_train_config(demo: Any, spec: dict[str, Any], align_file: Path, curve_
 
     data = to_dict(train_config(demo, align_file, run_dir))
     data["reward"]["terms"] = [dict(t) for t in spec["terms"]]
-    data["objective"]["pareto"] = spec["pareto"]
-    data["objective"]["uncertainty_weights"] = spec["uncertainty_weights"]
+    data["reward"]["pareto"] = spec["pareto"]
+    data["reward"]["uncertainty_weights"] = spec["uncertainty_weights"]
     data["eval"] = {"prompts": str(curve_file), "every": curve_every, "scorers": [ORACLE], "steps": demo.eval_steps,
                     "eta": 0.0, "max_prompts": curve_prompts, "seed": demo.eval_seed}
     data["run"]["progress"] = False
@@ -204,7 +204,8 @@ def run_cell(objective: str, reward: str, seed: int, recipe: dict[str, Any], arg
     c0, w0 = time.process_time(), time.perf_counter()
     trainer = Trainer(config)
     proxy = TotalReward(trainer.reward)  # the training reward's own scorers: weights load once
-    curve_cpu = _time_methods(trainer, ("evaluate", "path_kl"))
+    curve_cpu = _time_methods(trainer, ("evaluate",))
+    _time_methods(trainer.source, ("path_kl",), curve_cpu)
     c1, w1 = time.process_time(), time.perf_counter()
     before = evaluate(trainer.adapter, prompts, proxy, demo)
     c2, w2 = time.process_time(), time.perf_counter()
@@ -539,9 +540,10 @@ def _cell_line(record: dict[str, Any]) -> str:
     return "; ".join(parts) + f"; align CPU {record['cpu_seconds']['align'] / 60:.1f} min"
 
 
-def _time_methods(obj: Any, names: tuple[str, ...]) -> dict[str, float]:
-    """Wrap ``obj``'s methods so the process CPU seconds spent inside them add up in the returned dict."""
-    totals = {"seconds": 0.0}
+def _time_methods(obj: Any, names: tuple[str, ...], totals: dict[str, float] | None = None) -> dict[str, float]:
+    """Wrap ``obj``'s methods so the process CPU seconds spent inside them add up in the returned dict (``totals``
+    when given, so methods of several objects share one sum)."""
+    totals = {"seconds": 0.0} if totals is None else totals
 
     def timed(method: Any) -> Any:
         def call(*args: Any, **kwargs: Any) -> Any:

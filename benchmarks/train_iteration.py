@@ -32,9 +32,9 @@ def time_stages(trainer, runs: int) -> dict[str, list[float]]:
     times: dict[str, list[float]] = {"sample": [], "score": [], "update": [], "iteration": []}
     for i in range(runs + 1):
         t0 = time.perf_counter()
-        rollout = trainer.sample()
+        rollout = trainer.source.sample()
         t1 = time.perf_counter()
-        scored = trainer.score(rollout)
+        scored = trainer.source.score(rollout)
         t2 = time.perf_counter()
         trainer.update(scored)
         t3 = time.perf_counter()

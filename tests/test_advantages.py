@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from visalign.train.advantages import AdvantageConfig, group_advantages, group_index
+from visalign.rewards.advantages import AdvantageConfig, group_advantages, group_index
 
 NAN = float("nan")
 REWARDS = torch.tensor([1.0, 3.0, 2.0, 2.0, 0.0, 4.0, 8.0])

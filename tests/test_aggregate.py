@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from visalign.registry import UnknownIdError
-from visalign.scorers.aggregate import build_aggregation, list_aggregations, pareto_mask
-from visalign.train.advantages import group_advantages
+from visalign.rewards.advantages import group_advantages
+from visalign.rewards.aggregate import build_aggregation, list_aggregations, pareto_mask
 
 NAN = float("nan")
 
@@ -18,7 +18,14 @@ def close(actual: torch.Tensor, expected: list[float], atol: float = 1e-5) -> No
 
 def test_registry_lists_every_aggregation():
     assert set(list_aggregations()) == {"weighted-sum", "mean", "median", "worst-case", "min", "mean-minus-var",
-                                        "gdpo", "pareto"}
+                                        "gdpo", "pareto", "sum_then_normalize", "normalize_then_sum"}
+
+
+def test_trl_names_of_the_two_multi_reward_modes_are_the_weighted_sum_and_gdpo():
+    from visalign.rewards.aggregate import Gdpo, WeightedSum
+
+    assert type(build_aggregation("sum_then_normalize")) is WeightedSum
+    assert type(build_aggregation("normalize_then_sum")) is Gdpo
 
 
 @pytest.mark.parametrize(("spec", "rewards", "weights", "expected"), [

@@ -72,7 +72,7 @@ def test_trainer_ran_pareto_over_both_proxies_with_oracle_eval(smoke):
     out, _ = smoke
     run = out / "runs" / CELL
     config = json.loads((run / "train" / "config.json").read_text())
-    assert config["objective"]["name"] == "grpo" and config["objective"]["pareto"] is True
+    assert config["objective"]["name"] == "grpo" and config["reward"]["pareto"] is True
     assert [t["scorer"] for t in config["reward"]["terms"]] == ["shapes-clip", "shapes-vlm"]
     assert config["eval"]["scorers"] == ["shapes-oracle"] and config["eval"]["eta"] == 0.0
     assert config["model"]["lora_rank"] > 0
@@ -124,7 +124,7 @@ def test_reward_table_drives_the_train_config(bench, tmp_path):
     demo = DemoConfig(**recipe, output_dir=str(tmp_path))
     config = bench.build_train_config(demo, spec, tmp_path / "a.txt", tmp_path / "c.txt", tmp_path, 3, 16)
     assert [t["scorer"] for t in config.reward.terms] == ["shapes-uncertainty"]
-    assert config.objective.uncertainty_weights is True and config.objective.pareto is False
+    assert config.reward.uncertainty_weights is True and config.reward.pareto is False
     assert config.optim.lr == 1e-3 and config.eval.every == 3 and config.eval.max_prompts == 16
     with pytest.raises(ValueError, match="unknown key"):
         bench.resolve_recipe("grpo", {"learning_rate": 1e-3})

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from visalign.registry import UnknownIdError
-from visalign.scorers.transforms import build_transform, list_transforms
+from visalign.rewards.transforms import build_transform, list_transforms
 
 NAN = float("nan")
 

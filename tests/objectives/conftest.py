@@ -90,7 +90,7 @@ def make_batch(rollout, rewards: torch.Tensor, *, keep: torch.Tensor | None = No
                weights: torch.Tensor | None = None):
     """An :class:`UpdateBatch` as the loop builds it: groups by prompt, flow_grpo advantages, ones as weights."""
     from visalign.objectives.base import UpdateBatch
-    from visalign.train.advantages import AdvantageConfig, group_advantages, group_index
+    from visalign.rewards.advantages import AdvantageConfig, group_advantages, group_index
 
     groups = group_index(rollout.prompts, len(rollout))
     keep = torch.ones(len(rollout), dtype=torch.bool) if keep is None else keep
@@ -124,7 +124,9 @@ class GradRecorder:
         return float(torch.sqrt(sum((g.double() ** 2).sum() for g in grads.values())))
 
 
-def make_context(adapter, steps, recorder: GradRecorder, seed: int = 0):
+def make_context(adapter, steps, recorder: GradRecorder, seed: int = 0, scorers: dict | None = None):
+    """The engine's :class:`UpdateContext` with a :class:`GradRecorder` as the optimizer step; ``scorers`` are the
+    objective's own scorers (``Objective.scorer_specs``), built by the caller as the engine would."""
     from visalign.objectives.base import UpdateContext
 
-    return UpdateContext(adapter, list(steps), recorder, torch.Generator().manual_seed(seed))
+    return UpdateContext(adapter, list(steps), recorder, torch.Generator().manual_seed(seed), scorers=scorers or {})

@@ -14,7 +14,8 @@ import torch
 from tests.objectives.conftest import GradRecorder, make_batch, make_context
 from visalign.generators import LoraSpec, load_generator
 from visalign.objectives.base import build_objective
-from visalign.objectives.common import diffusion_dpo_loss, diffusion_kto_loss, kto_reference_point
+from visalign.objectives.common import diffusion_kto_loss, kto_reference_point
+from visalign.objectives.diffusion_dpo import diffusion_dpo_loss
 from visalign.objectives.dragon import best_worst_pairs, median_split
 
 GROUPS = torch.tensor([0, 0, 0, 1, 1, 1])

@@ -139,8 +139,10 @@ def test_anchor_is_zero_at_the_base_and_adds_the_exact_hinge_gradient_once_the_p
     rollout = adapter.rollout(SHAPES_PROMPTS, images_per_prompt=4, steps=2, guidance=1.0, eta=1.0, seed=5)
     batch = make_batch(rollout, REWARDS)
     params = named(adapter)
-    at_base = build_objective("grpo", {"anchor": "shapes-colour"}).update(
-        batch, make_context(adapter, STEPS, GradRecorder(params)))
+    anchor = {"anchor": get_scorer("shapes-colour")}
+    objective = build_objective("grpo", {"anchor": "shapes-colour"})
+    assert objective.scorer_specs() == {"anchor": "shapes-colour"}  # the engine builds it from this
+    at_base = objective.update(batch, make_context(adapter, STEPS, GradRecorder(params), scorers=anchor))
     assert at_base["anchor_hinge"] == 0.0  # fresh LoRA: the policy is the base model
 
     saved = {n: p.detach().clone() for n, p in params.items()}
@@ -152,7 +154,7 @@ def test_anchor_is_zero_at_the_base_and_adds_the_exact_hinge_gradient_once_the_p
         plain, anchored = GradRecorder(params), GradRecorder(params)
         build_objective("grpo", {}).update(batch, make_context(adapter, STEPS, plain))
         metrics = build_objective("grpo", {"anchor": "shapes-colour", "anchor_weight": 2.0}).update(
-            batch, make_context(adapter, STEPS, anchored))
+            batch, make_context(adapter, STEPS, anchored, scorers=anchor))
         scorer = get_scorer("shapes-colour")
         hinges = []
         for j in STEPS:

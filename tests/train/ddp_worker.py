@@ -15,20 +15,23 @@ from typing import Any
 from safetensors.torch import save_file
 
 from visalign.train.config import load_train_config
-from visalign.train.loop import Scored, Trainer
+from visalign.train.loop import Trainer
 
 
 class RecordingTrainer(Trainer):
-    """The real trainer; ``score`` also keeps this process's prompts and per-sample rewards."""
+    """The real trainer; its online source's ``score`` also keeps this process's prompts and per-sample rewards."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.local: list[dict[str, Any]] = []
+        score = self.source.score
 
-    def score(self, rollout: Any) -> Scored:
-        scored = super().score(rollout)
-        self.local.append({"prompts": list(rollout.prompts), "rewards": scored.reward.total.tolist()})
-        return scored
+        def recording_score(rollout: Any) -> Any:
+            batch = score(rollout)
+            self.local.append({"prompts": list(rollout.prompts), "rewards": self.source.reward_output.total.tolist()})
+            return batch
+
+        self.source.score = recording_score
 
 
 def main(argv: list[str]) -> int:

@@ -99,7 +99,10 @@ def test_recipe_relative_paths_resolve_against_the_recipe_folder(tmp_path, monke
 def test_missing_section_and_bad_yaml(tmp_path):
     recipe = tmp_path / "r.yaml"
     recipe.write_text("model: {model: x}\nsample: {prompts: p.txt}\n")
-    with pytest.raises(ValueError, match="no 'reward' section"):
+    with pytest.raises(ValueError, match="reward.terms is empty"):  # an online run without a reward
+        load_train_config(recipe)
+    recipe.write_text("sample: {prompts: p.txt}\nreward: {terms: [brightness]}\n")
+    with pytest.raises(ValueError, match="no 'model' section"):
         load_train_config(recipe)
     recipe.write_text("model: [unclosed\n")
     with pytest.raises(ConfigError, match="not valid YAML"):

@@ -9,10 +9,10 @@ import math
 import pytest
 import torch
 
+from visalign.rewards.spec import RewardSpec
 from visalign.scorers import ScoreBatch
-from visalign.scorers.compose import RewardSpec
 from visalign.train.diagnostics import CollapseMonitor, group_diversity
-from visalign.train.loop import _frozen_transforms, truncate_metrics
+from visalign.train.loop import truncate_metrics
 from visalign.train.prompts import PromptStream
 
 
@@ -46,7 +46,7 @@ def test_evaluation_leaves_running_reward_statistics_alone():
     batch = ScoreBatch(prompts=["a"] * 3, media=torch.rand(3, 3, 8, 8))
     spec(batch)
     before = spec.state_dict()
-    with _frozen_transforms(spec):
+    with spec.frozen_transforms():
         spec(ScoreBatch(prompts=["a"] * 3, media=torch.ones(3, 3, 8, 8)))
     assert spec.state_dict() == before
     spec(batch)  # training calls update the statistics again after the block

@@ -18,11 +18,11 @@ def test_path_kl_is_finite_when_the_last_step_has_no_noise(tmp_path):
                  "sample.prompts_per_step=1", "sample.images_per_prompt=2", "sample.steps=3", "optim.lr=1e-2",
                  "sample.train_fraction=0.67", "run.iterations=1"]
     trainer = Trainer(load_train_config(REPO / "pipelines/shapes-grpo-oracle.yaml", overrides))
-    rollout = trainer.sample()
+    rollout = trainer.source.sample()
     assert not torch.isfinite(rollout.log_probs[:, -1]).any()  # the case under test is really exercised
-    assert trainer.path_kl(rollout) == 0.0  # LoRA B starts at 0: the policy is the reference
+    assert trainer.source.path_kl(rollout) == 0.0  # LoRA B starts at 0: the policy is the reference
     with torch.no_grad():
         for p in trainer.params.values():
             p.add_(0.05 * torch.randn_like(p))
-    kl = trainer.path_kl(rollout)
+    kl = trainer.source.path_kl(rollout)
     assert math.isfinite(kl) and kl > 0

@@ -53,7 +53,7 @@ def test_recipe_validates_and_names_known_components(recipe: Path):
 def test_real_model_recipes_run_on_gpu_with_lora(recipe: Path):
     config = load_train_config(recipe)
     assert config.model.device == "cuda" and config.model.lora_rank > 0
-    if OBJECTIVES.get(config.objective.name).needs_log_probs:
+    if "log_probs" in OBJECTIVES.get(config.objective.name).needs:
         assert config.sample.eta > 0, "log-probs need a stochastic sampler"
     assert config.eval.scorers and set(_scorer_ids(config.eval.scorers)).isdisjoint(
         _scorer_ids(config.reward.terms)), "held-out eval scorers must differ from the training proxy"

@@ -15,9 +15,9 @@ def test_loop_trains_only_the_window_steps(tiny_sd, tmp_path):
     overrides = [*FAST, f"model.model={tiny_sd}", f"run.output_dir={tmp_path / 'run'}", "sample.steps=4",
                  "sample.sde_window=[0, 2]", "sample.train_fraction=1.0", "run.iterations=1"]
     trainer = Trainer(load_train_config(TINY_RECIPE, overrides))
-    rollout = trainer.sample()
+    rollout = trainer.source.sample()
     assert torch.isfinite(rollout.log_probs).all(dim=0).tolist() == [True, True, False, False]
-    assert trainer.train_steps(rollout) == [0, 1]  # the deterministic steps carry no density, so no update
+    assert trainer.source.train_steps(rollout) == [0, 1]  # the deterministic steps carry no density, so no update
     summary = trainer.run(resume=False)
     assert summary["iterations"] == 1
 

@@ -1,8 +1,20 @@
-"""The objective contract: one small class per objective over a shared :class:`UpdateBatch`.
+"""The objective contract: one small class per objective over a typed batch (docs/extending.md, "An objective").
 
-The training loop (``visalign/train/loop.py``) owns sampling, scoring and the optimizer; an objective turns one
-scored rollout into gradient steps. Per iteration the loop calls ``objective.update(batch, ctx)``, which may
-take several optimizer steps (PPO-style inner epochs) through ``ctx.optimizer_step()``.
+The engine (``visalign/train/loop.py``) owns the parameters and the optimizer, an experience source
+(``visalign/train/sources/``) makes the batches, and an objective turns one batch into gradient steps: per
+iteration the engine calls ``objective.update(batch, ctx)``, which may take several optimizer steps (PPO-style inner
+epochs) through ``ctx.optimizer_step()``.
+
+An objective declares what it consumes and needs instead of being probed for it:
+
+- ``consumes``: the batch type (:mod:`visalign.objectives.batches`) it reads;
+- ``needs``: a subset of :data:`NEEDS` — ``log_probs`` (per-step log-densities of the rollout's stochastic steps),
+  ``reward_grad`` (the training reward as a differentiable function of the pixels), ``reference`` (a frozen
+  reference model: the LoRA-disabled model, or a frozen copy of a full fine-tune's weights), ``teacher`` (a teacher
+  model's predictions);
+- ``default_source``: the experience source it trains on when the recipe names none;
+- :meth:`Objective.scorer_specs`: scorers it uses besides the reward (GRPO's anchor); the engine builds them and
+  hands them over in ``ctx.scorers``, so no objective builds a scorer itself.
 """
 
 from __future__ import annotations
@@ -14,39 +26,16 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from visalign.generators.base import GeneratorAdapter, Rollout
+from visalign.generators.base import GeneratorAdapter
+from visalign.objectives.batches import DenoisingBatch, OnlineBatch, PairBatch
 from visalign.registry import Registry
 
-
-@dataclass
-class UpdateBatch:
-    """One scored rollout, ready for an update.
-
-    Attributes:
-        rollout: the samples and their trajectories (no graph).
-        rewards: float32 ``[B]``, the aggregated reward (finite: NaN samples were dropped by the loop).
-        per_scorer: name → float32 ``[B]`` per-term rewards (for multi-reward objectives).
-        advantages: float32 ``[B]`` group-normalised advantages (0 for zero-variance groups).
-        group_ids: int64 ``[B]``, which prompt group each sample belongs to.
-        weights: float32 ``[B]`` per-sample loss weights (uncertainty ``exp(−U)``, normalised to mean 1), else ones.
-        keep: bool ``[B]``, samples allowed to carry the update (Pareto filtering); others get zero weight.
-    """
-
-    rollout: Rollout
-    rewards: Tensor
-    per_scorer: dict[str, Tensor]
-    advantages: Tensor
-    group_ids: Tensor
-    weights: Tensor
-    keep: Tensor
-
-    def __len__(self) -> int:
-        return len(self.rollout)
-
-    @property
-    def effective_weights(self) -> Tensor:
-        """``weights`` with dropped samples (``keep`` false) set to 0."""
-        return self.weights * self.keep.float()
+# The capabilities an objective may need from its source and engine (see the module docstring).
+NEEDS = ("log_probs", "reward_grad", "reference", "teacher")
+# The old name of the online batch, kept for callers that built it by hand.
+UpdateBatch = OnlineBatch
+__all__ = ["NEEDS", "OBJECTIVES", "DenoisingBatch", "MetricMeans", "Objective", "OnlineBatch", "PairBatch",
+           "UpdateBatch", "UpdateContext", "build_objective", "micro_batches"]
 
 
 @dataclass
@@ -60,8 +49,9 @@ class UpdateContext:
             returns the pre-clip global grad norm.
         generator: a seeded CPU generator for the objective's own randomness (so resumes replay it exactly).
         reward: the training reward as a differentiable function ``(media [B, ...] in [0, 1], prompts, metadata)
-            → float32 [B]`` that keeps the graph back to ``media``; set only for objectives that declare
-            ``needs_reward_grad`` (reward backprop).
+            → float32 [B]`` that keeps the graph back to ``media``; set only for objectives that need
+            ``reward_grad`` (reward backprop).
+        scorers: the scorers of :meth:`Objective.scorer_specs`, by the same keys, built by the engine.
     """
 
     adapter: GeneratorAdapter
@@ -69,26 +59,46 @@ class UpdateContext:
     optimizer_step: Callable[[], float]
     generator: torch.Generator
     reward: Callable[[Tensor, list[str], list[Any] | None], Tensor] | None = None
+    scorers: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class NoParams:
+    """The params of an objective that takes none."""
 
 
 class Objective:
-    """Base class. Subclasses declare a ``Params`` dataclass and implement :meth:`update`."""
+    """Base class. Subclasses declare a ``Params`` dataclass, what they consume and need, and implement
+    :meth:`update`."""
 
     name: ClassVar[str] = "objective"
-    Params: ClassVar[type] = object
+    Params: ClassVar[type] = NoParams
+    consumes: ClassVar[type] = OnlineBatch
     # Policy-gradient objectives train on the rollout's stochastic steps; reward backprop needs none (it may sample
     # with η = 0) but needs the reward's gradient instead.
-    needs_log_probs: ClassVar[bool] = True
-    needs_reward_grad: ClassVar[bool] = False
+    needs: ClassVar[frozenset[str]] = frozenset({"log_probs"})
+    default_source: ClassVar[str] = "online"
 
     def __init__(self, params: dict[str, Any] | None = None) -> None:
         from visalign.config import from_dict
 
         self.params = from_dict(self.Params, params or {}, where="objective.params.")  # type: ignore[arg-type]
 
-    def update(self, batch: UpdateBatch, ctx: UpdateContext) -> dict[str, float]:
-        """Take this iteration's gradient steps; return scalar metrics (``loss``, ``clipfrac``, ``grad_norm``...)."""
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        unknown = set(cls.needs) - set(NEEDS)
+        if unknown:
+            raise TypeError(f"{cls.__name__}.needs has {sorted(unknown)}; known needs: {list(NEEDS)}.")
+
+    def update(self, batch: Any, ctx: UpdateContext) -> dict[str, float]:
+        """Take this iteration's gradient steps on a batch of type ``consumes``; return scalar metrics (``loss``,
+        ``clipfrac``, ``grad_norm``...)."""
         raise NotImplementedError
+
+    def scorer_specs(self) -> dict[str, str]:
+        """Scorers this objective uses besides the training reward, key → scorer id; the engine builds each one
+        (and checks it can return gradients) and passes them in ``ctx.scorers``. None by default."""
+        return {}
 
     def state_tensors(self) -> dict[str, Tensor]:
         """Tensors the objective carries across iterations (saved in checkpoints); none by default."""
@@ -112,12 +122,14 @@ OBJECTIVES: Registry[type[Objective]] = Registry("objective", builtin={
     "draft": "visalign.objectives.reward_backprop:DraftObjective",
     "alignprop": "visalign.objectives.reward_backprop:AlignPropObjective",
     "refl": "visalign.objectives.reward_backprop:ReflObjective",
+    "diffusion-dpo": "visalign.objectives.diffusion_dpo:DiffusionDpoObjective",
+    "rpo-harmonic": "visalign.objectives.rpo_harmonic:RpoHarmonicObjective",
 })
 
 
 def build_objective(name: str, params: dict[str, Any] | None = None) -> Objective:
-    """An objective by id (``grpo``, ``prdp``, ``dragon``, ``raft``, ``draft``, ``alignprop``, ``refl``) or
-    ``"pkg.module:Class"``."""
+    """An objective by id (``grpo``, ``prdp``, ``dragon``, ``raft``, ``draft``, ``alignprop``, ``refl``,
+    ``diffusion-dpo``, ``rpo-harmonic``) or ``"pkg.module:Class"``."""
     return OBJECTIVES.get(name)(params)
 
 

@@ -112,11 +112,39 @@ def denoising_loss(adapter: GeneratorAdapter, latents_x0: Tensor, rollout: Rollo
         The adapter's ``DenoisingLoss``: ``loss`` float32 ``[N]`` (mean-over-elements MSE, differentiable),
         ``timesteps [N]`` and ``noise [N, ...]`` that were used.
     """
-    if not hasattr(adapter, "denoising_loss"):
-        raise NotImplementedError(f"{type(adapter).__name__} has no denoising_loss(); DRAGON and RAFT need a "
-                                  "generator adapter that implements it (visalign.generators.base).")
-    condition = rollout.condition.select(list(index))
-    return adapter.denoising_loss(latents_x0, condition, timesteps=timesteps, noise=noise, generator=generator)
+    return adapter.denoising_loss(latents_x0, rollout.condition.select(list(index)), timesteps=timesteps,
+                                  noise=noise, generator=generator)
+
+
+class ReferenceModel:
+    """The frozen reference of preference objectives (Diffusion-DPO, DRAGON, RPO), entered as a context.
+
+    ``reference = "base"``: the model before training — the LoRA-disabled model, or for a full fine-tune a frozen copy
+    of the trainable weights taken the first time the reference is entered (before this process's first optimizer
+    step), as Diffusion-DPO keeps a frozen reference UNet; checkpoints carry the copy through :meth:`state_tensors`.
+    ``reference = "old"``: the current weights (θ_old at the start of an update).
+    """
+
+    def __init__(self, reference: str = "base") -> None:
+        self.reference = reference
+        self.frozen: FrozenWeights | None = None
+
+    def __call__(self, adapter: GeneratorAdapter) -> contextlib.AbstractContextManager:
+        if self.reference == "old":
+            return contextlib.nullcontext()
+        if adapter.lora is not None:
+            return adapter.lora_disabled()
+        if self.frozen is None:
+            self.frozen = FrozenWeights(adapter.denoiser)
+        return self.frozen.swapped_in()
+
+    def state_tensors(self) -> dict[str, Tensor]:
+        # The full fine-tune's frozen reference: without it a resumed run would freeze the resumed weights instead.
+        return {} if self.frozen is None else {f"frozen.{n}": t for n, t in self.frozen.weights.items()}
+
+    def load_state_tensors(self, tensors: dict[str, Tensor], adapter: GeneratorAdapter) -> None:
+        frozen = {k.removeprefix("frozen."): t for k, t in tensors.items() if k.startswith("frozen.")}
+        self.frozen = FrozenWeights(adapter.denoiser, frozen) if frozen else None
 
 
 class FrozenWeights:
@@ -157,27 +185,8 @@ class FrozenWeights:
                 params[name].data = data
 
 
-# ---------------------------------------------------------------- preference surrogates on denoising errors
-
-
-def diffusion_dpo_loss(model_w: Tensor, model_l: Tensor, ref_w: Tensor, ref_l: Tensor, beta: float
-                       ) -> tuple[Tensor, Tensor]:
-    """Diffusion-DPO per pair (METHODS.md §6a; SalesforceAIResearch/DiffusionDPO train.py).
-
-    ``inside = −(β/2)·[(ℓ_θ(x_w) − ℓ_ref(x_w)) − (ℓ_θ(x_l) − ℓ_ref(x_l))]``, ``L = −log σ(inside)``; at θ = ref,
-    ``inside = 0`` and ``L = log 2``.
-
-    Args:
-        model_w, model_l: float ``[P]`` denoising MSEs of the preferred / rejected samples under θ (with gradients),
-            computed at the SAME (t, ε) within each pair.
-        ref_w, ref_l: float ``[P]``, the reference's MSEs at those draws (constants).
-        beta: β, calibrated to mean-over-elements MSE (DiffusionDPO: 5000).
-
-    Returns:
-        ``(loss [P], inside [P])``; ``implicit_acc = mean(inside > 0)``.
-    """
-    inside = -0.5 * beta * ((model_w - ref_w) - (model_l - ref_l))
-    return torch.nn.functional.softplus(-inside), inside
+# ---------------------------------------------------------------- the KTO surrogate on denoising errors
+# (Diffusion-DPO's pairwise surrogate lives in visalign/objectives/diffusion_dpo.py.)
 
 
 def diffusion_kto_loss(model: Tensor, ref: Tensor, desirable: Tensor, beta: float, *, lambda_desirable: float = 1.0,

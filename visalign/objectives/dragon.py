@@ -24,21 +24,18 @@ tests/objectives/test_acceptance.py). The ``(t, ε)`` draws and the reference lo
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
 from visalign.generators.base import GeneratorAdapter
-from visalign.objectives.base import MetricMeans, Objective, UpdateBatch, UpdateContext, micro_batches
-from visalign.objectives.common import (
-    FrozenWeights,
-    denoising_loss,
-    diffusion_dpo_loss,
-    diffusion_kto_loss,
-    kto_reference_point,
-)
+from visalign.objectives.base import MetricMeans, Objective, OnlineBatch, UpdateContext, micro_batches
+from visalign.objectives.batches import best_worst_pairs, online_pairs
+from visalign.objectives.common import ReferenceModel, denoising_loss, diffusion_kto_loss, kto_reference_point
+from visalign.objectives.diffusion_dpo import DiffusionDpoObjective
+
+__all__ = ["DragonObjective", "DragonParams", "best_worst_pairs", "median_split"]
 
 MODES = ("paired", "unpaired")
 REFERENCES = ("base", "old")
@@ -73,31 +70,6 @@ class DragonParams:
             raise ValueError("dragon needs inner_steps >= 1 and micro_batch >= 0.")
 
 
-def best_worst_pairs(rewards: Tensor, group_ids: Tensor, weights: Tensor) -> tuple[Tensor, Tensor]:
-    """Per prompt group, the best sample (→ D+) and the worst (→ D−) among samples with weight > 0.
-
-    Ties break toward the lower index (deterministic). Groups with fewer than two live samples or with all rewards
-    equal carry no preference and give no pair.
-
-    Args:
-        rewards: float ``[B]``; group_ids: int64 ``[B]``; weights: float ``[B]`` (``batch.effective_weights``).
-
-    Returns:
-        ``(winners, losers)``: int64 ``[P]`` sample indices, one pair per group, in group order.
-    """
-    winners, losers = [], []
-    for group in torch.unique(group_ids):
-        members = torch.nonzero((group_ids == group) & (weights > 0)).flatten()
-        if members.numel() < 2:
-            continue
-        r = rewards[members]
-        best, worst = int(torch.argmax(r)), int(torch.argmin(r))  # first occurrence on ties
-        if r[best] > r[worst]:
-            winners.append(int(members[best]))
-            losers.append(int(members[worst]))
-    return torch.tensor(winners, dtype=torch.long), torch.tensor(losers, dtype=torch.long)
-
-
 def median_split(rewards: Tensor, weights: Tensor) -> tuple[Tensor, Tensor]:
     """D+ = samples above the median reward of the live samples (weight > 0); D− = the other live samples.
 
@@ -116,77 +88,38 @@ class DragonObjective(Objective):
     name = "dragon"
     Params = DragonParams
 
+    needs = frozenset({"reference"})
+
     def __init__(self, params: dict | None = None) -> None:
         super().__init__(params)
-        self._frozen: FrozenWeights | None = None  # the full fine-tune's reference, made on the first update
-
-    def update(self, batch: UpdateBatch, ctx: UpdateContext) -> dict[str, float]:
         p: DragonParams = self.params
-        weights = batch.effective_weights
+        self.reference = ReferenceModel(p.reference)
+        # Paired mode is Diffusion-DPO on the rollout's best-vs-worst pairs: the same objective that trains on
+        # offline pairs, sharing this objective's reference (and so its frozen copy of a full fine-tune).
+        self._dpo = DiffusionDpoObjective({"beta": p.beta, "reference": p.reference, "inner_steps": p.inner_steps,
+                                           "micro_batch": p.micro_batch})
+        self._dpo.reference = self.reference
+
+    def update(self, batch: OnlineBatch, ctx: UpdateContext) -> dict[str, float]:
+        p: DragonParams = self.params
         if p.mode == "paired":
-            winners, losers = best_worst_pairs(batch.rewards, batch.group_ids, weights)
-            if winners.numel() == 0:
-                return {"pairs": 0.0}
-            return self._paired(batch, ctx, winners, losers)
-        index, desirable = median_split(batch.rewards, weights)
+            pairs = online_pairs(batch)
+            return self._dpo.update(pairs, ctx) if len(pairs) else {"pairs": 0.0}
+        index, desirable = median_split(batch.rewards, batch.effective_weights)
         if not desirable.any():
             return {"positives": 0.0}
         return self._unpaired(batch, ctx, index, desirable)
 
     def state_tensors(self) -> dict[str, Tensor]:
-        # The full fine-tune's frozen reference: without it a resumed run would freeze the resumed weights instead.
-        return {} if self._frozen is None else {f"frozen.{n}": t for n, t in self._frozen.weights.items()}
+        return self.reference.state_tensors()
 
     def load_state_tensors(self, tensors: dict[str, Tensor], adapter: GeneratorAdapter) -> None:
-        frozen = {k.removeprefix("frozen."): t for k, t in tensors.items() if k.startswith("frozen.")}
-        self._frozen = FrozenWeights(adapter.denoiser, frozen) if frozen else None
+        self.reference.load_state_tensors(tensors, adapter)
 
-    def _reference_context(self, ctx: UpdateContext) -> contextlib.AbstractContextManager:
-        if self.params.reference == "old":
-            return contextlib.nullcontext()
-        if ctx.adapter.lora is not None:
-            return ctx.adapter.lora_disabled()
-        # A full fine-tune has no adapters to switch off: freeze a copy of the weights the first time (before any
-        # optimizer step of this process), as Diffusion-DPO keeps a frozen reference UNet.
-        if self._frozen is None:
-            self._frozen = FrozenWeights(ctx.adapter.denoiser)
-        return self._frozen.swapped_in()
-
-    def _paired(self, batch: UpdateBatch, ctx: UpdateContext, winners: Tensor, losers: Tensor) -> dict[str, float]:
+    def _unpaired(self, batch: OnlineBatch, ctx: UpdateContext, index: Tensor, desirable: Tensor) -> dict[str, float]:
         p: DragonParams = self.params
         rollout, x0 = batch.rollout, batch.rollout.latents[:, -1]
-        with torch.no_grad(), self._reference_context(ctx):
-            ref_w = denoising_loss(ctx.adapter, x0[winners], rollout, winners.tolist(), generator=ctx.generator)
-            # The rejected sample reuses the preferred one's (t, ε): the pair must differ only in x0 (§6a Checks).
-            ref_l = denoising_loss(ctx.adapter, x0[losers], rollout, losers.tolist(), timesteps=ref_w.timesteps,
-                                   noise=ref_w.noise)
-        pair_weights = (batch.effective_weights[winners] * batch.effective_weights[losers]).to(ref_w.loss)
-        metrics = MetricMeans()
-        for _ in range(p.inner_steps):
-            order = torch.randperm(winners.numel(), generator=ctx.generator)
-            for chunk in micro_batches(order.tolist(), p.micro_batch or winners.numel()):
-                w_idx, l_idx = winners[chunk], losers[chunk]
-                t, eps = ref_w.timesteps[chunk], ref_w.noise[chunk]
-                model_w = denoising_loss(ctx.adapter, x0[w_idx], rollout, w_idx.tolist(), timesteps=t, noise=eps)
-                model_l = denoising_loss(ctx.adapter, x0[l_idx], rollout, l_idx.tolist(), timesteps=t, noise=eps)
-                per_pair, inside = diffusion_dpo_loss(model_w.loss, model_l.loss, ref_w.loss[chunk],
-                                                      ref_l.loss[chunk], p.beta)
-                loss = (per_pair * pair_weights[chunk]).mean()
-                loss.backward()
-                metrics.add(loss=loss, implicit_acc=(inside > 0).float().mean(),
-                            model_mse=torch.cat([model_w.loss, model_l.loss]).mean(),
-                            ref_mse=torch.cat([ref_w.loss[chunk], ref_l.loss[chunk]]).mean(),
-                            model_minus_ref_diff=-2 * inside.detach().mean() / p.beta,
-                            grad_norm=ctx.optimizer_step())
-        out = metrics.means()
-        out.update(pairs=float(winners.numel()), positive_reward=float(batch.rewards[winners].mean()),
-                   negative_reward=float(batch.rewards[losers].mean()))
-        return out
-
-    def _unpaired(self, batch: UpdateBatch, ctx: UpdateContext, index: Tensor, desirable: Tensor) -> dict[str, float]:
-        p: DragonParams = self.params
-        rollout, x0 = batch.rollout, batch.rollout.latents[:, -1]
-        with torch.no_grad(), self._reference_context(ctx):
+        with torch.no_grad(), self.reference(ctx.adapter):
             ref = denoising_loss(ctx.adapter, x0[index], rollout, index.tolist(), generator=ctx.generator)
         sample_weights = batch.effective_weights[index].to(ref.loss)
         metrics = MetricMeans()

@@ -11,13 +11,12 @@ absorbs). Log-probs use the mean-over-elements convention that the published cli
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 from torch import Tensor
 
 from visalign.generators.rollout import Rollout, StepOutput
-from visalign.objectives.base import MetricMeans, Objective, UpdateBatch, UpdateContext, micro_batches
+from visalign.objectives.base import MetricMeans, Objective, OnlineBatch, UpdateContext, micro_batches
 
 
 @dataclass
@@ -73,11 +72,11 @@ class GrpoObjective(Objective):
     name = "grpo"
     Params = GrpoParams
 
-    def __init__(self, params: dict[str, Any] | None = None) -> None:
-        super().__init__(params)
-        self._anchor_scorer: Any = None  # built on first use: a scorer's weights load only when the anchor is on
+    def scorer_specs(self) -> dict[str, str]:
+        # The anchor is a scorer the engine builds (and checks for gradients) like the reward's own terms.
+        return {"anchor": self.params.anchor} if self.params.anchor is not None else {}
 
-    def update(self, batch: UpdateBatch, ctx: UpdateContext) -> dict[str, float]:
+    def update(self, batch: OnlineBatch, ctx: UpdateContext) -> dict[str, float]:
         p: GrpoParams = self.params
         weights = batch.effective_weights
         active = torch.nonzero(weights > 0).flatten()
@@ -97,7 +96,7 @@ class GrpoObjective(Objective):
         out["active_fraction"] = float(active.numel()) / len(batch)
         return out
 
-    def _micro_step(self, batch: UpdateBatch, ctx: UpdateContext, chunk: list[int], steps: list[int],
+    def _micro_step(self, batch: OnlineBatch, ctx: UpdateContext, chunk: list[int], steps: list[int],
                     metrics: MetricMeans) -> None:
         p: GrpoParams = self.params
         sub = batch.rollout.select(chunk)
@@ -133,15 +132,16 @@ class GrpoObjective(Objective):
         a noisy rollout, so its noise walks the weights along directions the reward barely prices (the shapes
         demo's hue drift); the anchor's gradient is exact and only acts once the policy is worse than the base.
         """
-        from visalign.scorers import ScoreBatch, get_scorer
+        from visalign.scorers import ScoreBatch
 
         if out.x0 is None or ref.x0 is None:
             raise ValueError(f"grpo anchor: {type(ctx.adapter).__name__} does not report the one-step x0 estimate.")
-        if self._anchor_scorer is None:
-            self._anchor_scorer = get_scorer(self.params.anchor)
+        scorer = ctx.scorers.get("anchor")
+        if scorer is None:
+            raise RuntimeError("grpo anchor: ctx.scorers has no 'anchor' (the engine builds it from scorer_specs()).")
         prompts = list(sub.prompts)
         media = ctx.adapter.decode(out.x0.to(sub.latents.dtype), grad=True)
-        mine = self._anchor_scorer(ScoreBatch(prompts=prompts, media=media), grad=True).reward
-        base = self._anchor_scorer(ScoreBatch(prompts=prompts, media=ctx.adapter.decode(
+        mine = scorer(ScoreBatch(prompts=prompts, media=media), grad=True).reward
+        base = scorer(ScoreBatch(prompts=prompts, media=ctx.adapter.decode(
             ref.x0.detach().to(sub.latents.dtype)))).reward
         return torch.relu(base.to(mine.device) - mine).mean()

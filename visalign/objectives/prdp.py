@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from visalign.objectives.base import MetricMeans, Objective, UpdateBatch, UpdateContext
+from visalign.objectives.base import MetricMeans, Objective, OnlineBatch, UpdateContext
 from visalign.objectives.common import (
     backward_through_steps,
     group_micro_batches,
@@ -124,7 +124,7 @@ class PrdpObjective(Objective):
     name = "prdp"
     Params = PrdpParams
 
-    def update(self, batch: UpdateBatch, ctx: UpdateContext) -> dict[str, float]:
+    def update(self, batch: OnlineBatch, ctx: UpdateContext) -> dict[str, float]:
         p: PrdpParams = self.params
         weights = batch.effective_weights
         active = torch.nonzero(weights > 0).flatten()
@@ -142,7 +142,7 @@ class PrdpObjective(Objective):
                 metrics.add(grad_norm=ctx.optimizer_step())
         return metrics.means()
 
-    def _reference(self, ctx: UpdateContext, batch: UpdateBatch, active: Tensor, steps: list[int]) -> Tensor:
+    def _reference(self, ctx: UpdateContext, batch: OnlineBatch, active: Tensor, steps: list[int]) -> Tensor:
         """``logp_sum`` of every trained step under the LoRA-disabled model, ``[B, S_train]`` (0 for inactive)."""
         if ctx.adapter.lora is None:
             raise ValueError("prdp anchor='reference' needs a LoRA generator (the reference is the model with "
@@ -153,7 +153,7 @@ class PrdpObjective(Objective):
             values[active] = step_log_densities(ctx.adapter, sub, steps).cpu()
         return values
 
-    def _micro_step(self, batch: UpdateBatch, ctx: UpdateContext, chunk: list[int], steps: list[int], old: Tensor,
+    def _micro_step(self, batch: OnlineBatch, ctx: UpdateContext, chunk: list[int], steps: list[int], old: Tensor,
                     anchor: Tensor, *, first: bool, metrics: MetricMeans) -> None:
         p: PrdpParams = self.params
         sub = batch.rollout.select(chunk)

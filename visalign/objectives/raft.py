@@ -13,10 +13,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
-from torch import Tensor
 
-from visalign.objectives.base import MetricMeans, Objective, UpdateBatch, UpdateContext, micro_batches
-from visalign.objectives.common import denoising_loss
+from visalign.objectives.base import MetricMeans, Objective, OnlineBatch, UpdateContext, micro_batches
+from visalign.objectives.batches import DenoisingBatch, top_k_per_group
+
+__all__ = ["RaftObjective", "RaftParams", "sft_update", "top_k_per_group"]
 
 
 @dataclass
@@ -35,52 +36,45 @@ class RaftParams:
             raise ValueError("raft needs top_k >= 1, inner_steps >= 1 and micro_batch >= 0.")
 
 
-def top_k_per_group(rewards: Tensor, group_ids: Tensor, weights: Tensor, k: int) -> Tensor:
-    """Indices of the ``k`` best samples of each prompt group, among samples with weight > 0.
-
-    Ties break toward the lower index (a stable sort), so the selection is deterministic.
-
-    Args:
-        rewards: float ``[B]``; group_ids: int64 ``[B]``; weights: float ``[B]`` (``batch.effective_weights``).
-        k: samples kept per group (fewer when a group has fewer live samples).
-
-    Returns:
-        int64 ``[K]`` sample indices, sorted ascending.
-    """
-    kept = []
-    for group in torch.unique(group_ids):
-        members = torch.nonzero((group_ids == group) & (weights > 0)).flatten()
-        order = torch.sort(rewards[members], descending=True, stable=True).indices
-        kept.extend(members[order[:k]].tolist())
-    return torch.tensor(sorted(kept), dtype=torch.long)
-
-
 class RaftObjective(Objective):
     """Reward-ranked supervised fine-tuning (``objective.name: raft``)."""
 
     name = "raft"
     Params = RaftParams
-    needs_log_probs = False  # a supervised step on kept samples: any sampler, η = 0 included
+    needs = frozenset()  # a supervised step on kept samples: any sampler, η = 0 included
 
-    def update(self, batch: UpdateBatch, ctx: UpdateContext) -> dict[str, float]:
+    def update(self, batch: OnlineBatch, ctx: UpdateContext) -> dict[str, float]:
         p: RaftParams = self.params
         weights = batch.effective_weights
         kept = top_k_per_group(batch.rewards, batch.group_ids, weights, p.top_k)
         if kept.numel() == 0:
             return {"kept": 0.0}
-        rollout, x0 = batch.rollout, batch.rollout.latents[:, -1]
+        rollout, x0 = batch.rollout, batch.rollout.latents[:, -1][kept]
         if p.reencode:
-            x0 = x0.clone()
-            x0[kept] = ctx.adapter.encode_media(rollout.media[kept]).to(x0)
-        metrics = MetricMeans()
-        for _ in range(p.inner_steps):
-            order = kept[torch.randperm(kept.numel(), generator=ctx.generator)]
-            for chunk in micro_batches(order.tolist(), p.micro_batch or kept.numel()):
-                out = denoising_loss(ctx.adapter, x0[chunk], rollout, chunk, generator=ctx.generator)
-                loss = (out.loss * weights[chunk].to(out.loss)).mean()
-                loss.backward()
-                metrics.add(loss=loss, grad_norm=ctx.optimizer_step())
-        result = metrics.means()
+            x0 = ctx.adapter.encode_media(rollout.media[kept]).to(x0)
+        fit = DenoisingBatch(latents=x0, condition=rollout.condition.select(kept.tolist()), weights=weights[kept])
+        result = sft_update(fit, ctx, inner_steps=p.inner_steps, micro_batch=p.micro_batch)
         result.update(kept=float(kept.numel()), kept_reward=float(batch.rewards[kept].mean()),
                       batch_reward=float(batch.rewards[weights > 0].mean()))
         return result
+
+
+def sft_update(batch: DenoisingBatch, ctx: UpdateContext, *, inner_steps: int = 1, micro_batch: int = 0
+               ) -> dict[str, float]:
+    """Supervised fine-tuning steps on clean latents: ``inner_steps`` shuffled passes, one optimizer step per
+    micro-batch of the weighted mean denoising loss (fresh ``(t, ε)`` draws from ``ctx.generator`` every pass).
+
+    Returns:
+        ``loss`` and ``grad_norm`` means over the steps taken.
+    """
+    metrics = MetricMeans()
+    n = len(batch)
+    for _ in range(inner_steps):
+        order = torch.randperm(n, generator=ctx.generator)
+        for chunk in micro_batches(order.tolist(), micro_batch or n):
+            out = ctx.adapter.denoising_loss(batch.latents[chunk], batch.condition.select(chunk),
+                                             generator=ctx.generator)
+            loss = (out.loss * batch.weights[chunk].to(out.loss)).mean()
+            loss.backward()
+            metrics.add(loss=loss, grad_norm=ctx.optimizer_step())
+    return metrics.means()

@@ -21,7 +21,7 @@ Which steps carry the gradient (``backprop``):
 
 Loss per micro-batch: ``−grad_scale · mean_b(w_b · r_b)``, or ``grad_scale · mean_b(w_b · relu(reward_cap − r_b))``
 with a cap (ReFL: ``relu(2 − r)``, ``grad_scale = 1e-3``), where ``w`` are the uncertainty weights (Ctrl-U
-``exp(−U)``, mean 1) when ``objective.uncertainty_weights`` is on, else ones. ``r`` is the training reward's
+``exp(−U)``, mean 1) when ``reward.uncertainty_weights`` is on, else ones. ``r`` is the training reward's
 aggregated total with its transforms, computed with ``grad=True``; zero-weight monitor terms (the demo's oracle)
 stay out of the graph. DRaFT-LV is not implemented: its re-noising details are unverified (METHODS.md §7).
 """
@@ -37,7 +37,7 @@ from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
 from visalign.generators.base import GeneratorAdapter, Rollout
-from visalign.objectives.base import MetricMeans, Objective, UpdateBatch, UpdateContext, micro_batches
+from visalign.objectives.base import MetricMeans, Objective, OnlineBatch, UpdateContext, micro_batches
 
 
 @dataclass
@@ -147,14 +147,13 @@ class RewardBackpropObjective(Objective):
 
     name = "reward-backprop"
     Params = RewardBackpropParams
-    needs_log_probs = False
-    needs_reward_grad = True
+    needs = frozenset({"reward_grad"})  # no log-probs: it may sample with η = 0
 
-    def update(self, batch: UpdateBatch, ctx: UpdateContext) -> dict[str, float]:
+    def update(self, batch: OnlineBatch, ctx: UpdateContext) -> dict[str, float]:
         p: RewardBackpropParams = self.params
         if ctx.reward is None:
             raise RuntimeError("reward backprop needs ctx.reward, the differentiable training reward (the Trainer "
-                               "sets it for objectives with needs_reward_grad).")
+                               "sets it for objectives that need reward_grad).")
         active = torch.nonzero(batch.effective_weights > 0).flatten()
         metrics = MetricMeans()
         if active.numel() == 0:
@@ -170,7 +169,7 @@ class RewardBackpropObjective(Objective):
         out["active_fraction"] = float(active.numel()) / len(batch)
         return out
 
-    def _micro_step(self, batch: UpdateBatch, ctx: UpdateContext, chunk: list[int], start: int
+    def _micro_step(self, batch: OnlineBatch, ctx: UpdateContext, chunk: list[int], start: int
                     ) -> tuple[Tensor, Tensor]:
         """Backward of one micro-batch's loss; returns the (detached) loss and mean differentiable reward."""
         p: RewardBackpropParams = self.params

@@ -3,7 +3,7 @@
 Reward-model ensembles mitigate (but do not eliminate) reward hacking: "Reward Model Ensembles Help Mitigate
 Overoptimization" (arXiv 2310.02743: WCO = min, UWO = mean − λ·Var) and "Helping or Herding?" (arXiv
 2312.09244: mean, median). METHODS §11. The members are ordinary registered scorers named in the card, built
-lazily through ``get_scorer``; the aggregation rule is one of ``visalign.scorers.aggregate``.
+lazily through ``get_scorer``; the aggregation rule is one of ``visalign.rewards.aggregate``.
 
 Card params:
     members: list of scorer specs, each an id (``brightness``) or ``{scorer: id, params: {...}}``; at least 2.
@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from visalign.scorers.aggregate import build_aggregation
+from visalign.reductions import mean_minus_var, nan_median, nan_min
 from visalign.scorers.base import RawScore, ScoreBatch, Scorer
 from visalign.scorers.card import ScorerCard
 
@@ -50,7 +50,7 @@ class EnsembleScorer(Scorer):
             raise ValueError(f"Ensemble card {card.source or card.id} needs params.members: a list of at least two "
                              f"scorer ids (or {{scorer: id, params: {{...}}}} mappings); got {specs!r}.")
         self.member_specs: list[Any] = list(specs)
-        self.aggregation = build_aggregation(card.params.get("aggregation", "mean"))
+        self.rule, self.rule_params = ensemble_rule(card.params.get("aggregation", "mean"), card.source or card.id)
         self._members: list[Scorer] | None = None
 
     @property
@@ -71,7 +71,7 @@ class EnsembleScorer(Scorer):
         # Scorer.__call__ has already chosen no_grad or enable_grad from its ``grad`` argument; pass it on.
         grad = torch.is_grad_enabled()
         rewards = torch.stack([member(batch, grad=grad).reward for member in self.members], dim=1)
-        total = self.aggregation(rewards).total
+        total = self.rule(rewards, **self.rule_params)
         present = ~torch.isnan(rewards)
         mean = rewards.nanmean(dim=1, keepdim=True)
         var = torch.where(present, (rewards - mean) ** 2, torch.zeros_like(rewards)).sum(dim=1)
@@ -99,3 +99,32 @@ def build_inner_scorer(spec: Any, owner: Scorer) -> Scorer:
         raise ValueError(f"Scorer {owner.id!r} scores {owner.modality}s but its inner scorer {inner.id!r} scores "
                          f"{inner.modality}s; use scorers of one modality.")
     return inner
+
+
+def _mean(r: torch.Tensor) -> torch.Tensor:
+    return r.nanmean(dim=1)
+
+
+def _mean_minus_var(r: torch.Tensor, lam: float = 1.0) -> torch.Tensor:
+    if lam < 0:
+        raise ValueError(f"mean-minus-var needs lam >= 0; got {lam}.")
+    return mean_minus_var(r, lam)[0]
+
+
+# Member rules of an ensemble (the reward-level aggregations, GDPO and Pareto, live in visalign.rewards): each maps
+# the members' rewards ``[B, M]`` (NaN = the member abstains) to ``[B]``.
+ENSEMBLE_RULES: dict[str, Any] = {"mean": _mean, "median": nan_median, "min": nan_min, "worst-case": nan_min,
+                                  "mean-minus-var": _mean_minus_var}
+
+
+def ensemble_rule(spec: str | dict[str, Any], where: str) -> tuple[Any, dict[str, Any]]:
+    """``(rule, params)`` of a card's ``aggregation``: a rule id or ``{kind: id, **params}`` (e.g. ``lam``)."""
+    params = dict(spec) if isinstance(spec, dict) else {"kind": spec}
+    kind = params.pop("kind", None)
+    if kind not in ENSEMBLE_RULES:
+        raise ValueError(f"Ensemble card {where}: unknown aggregation {kind!r}; known: {sorted(ENSEMBLE_RULES)}.")
+    if kind == "mean-minus-var":
+        _mean_minus_var(torch.zeros(1, 1), **params)  # refuse bad params when the card is read, not on first call
+    elif params:
+        raise ValueError(f"Ensemble card {where}: aggregation {kind!r} takes no params; got {sorted(params)}.")
+    return ENSEMBLE_RULES[kind], params

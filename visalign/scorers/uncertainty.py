@@ -33,10 +33,10 @@ import torch
 from torch import Tensor
 
 from visalign.media import resize_to
+from visalign.reductions import group_index, group_stats, nan_var
 from visalign.scorers.base import RawScore, ScoreBatch, ScoreOutput, Scorer
 from visalign.scorers.card import ScorerCard
 from visalign.scorers.ensemble import build_inner_scorer
-from visalign.train.advantages import group_index, group_stats
 
 MODES = ("ensemble", "augment", "group")
 NORMALIZATIONS = ("batch-mean", "running-mean", "none")
@@ -131,7 +131,7 @@ class UncertaintyScorer(Scorer):
             if members is None or members.ndim != 2:
                 raise ValueError(f"Uncertainty mode 'ensemble' needs a base scorer with extras['members'] [B, M]; "
                                  f"{self.base.id!r} has none. Use an ensemble card as base (e.g. ensemble-color).")
-            return _nan_var(members.float())
+            return nan_var(members.float())
         reward = base_out.reward.detach().float()
         if self.mode == "group":
             meta = batch.metadata
@@ -140,7 +140,7 @@ class UncertaintyScorer(Scorer):
             return std**2
         views = [reward] + [self.base(self._augment(batch, k), grad=False).reward.float() for k in
                             range(1, self.num_views)]
-        return _nan_var(torch.stack(views, dim=1))
+        return nan_var(torch.stack(views, dim=1))
 
     def _augment(self, batch: ScoreBatch, k: int) -> ScoreBatch:
         media = batch.media
@@ -177,12 +177,3 @@ class UncertaintyScorer(Scorer):
             raise ValueError(f"Uncertainty scorer state needs 'running_mean'; got keys {sorted(state)}.")
         value = state["running_mean"]
         self.running_mean = None if value is None else float(value)
-
-
-def _nan_var(values: Tensor) -> Tensor:
-    """Population variance across dim 1 of ``[B, K]``, skipping NaN; 0 for rows with fewer than two values."""
-    present = ~torch.isnan(values)
-    count = present.sum(dim=1)
-    mean = values.nanmean(dim=1, keepdim=True)
-    sq = torch.where(present, (values - mean) ** 2, torch.zeros_like(values)).sum(dim=1)
-    return torch.where(count > 1, sq / count.clamp(min=1), torch.zeros_like(sq))

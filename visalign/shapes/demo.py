@@ -214,7 +214,7 @@ def parse_extra_reward(entry: str) -> tuple[str, float]:
 def _needs_log_probs(objective: str) -> bool:
     from visalign.objectives.base import OBJECTIVES
 
-    return OBJECTIVES.get(objective).needs_log_probs
+    return "log_probs" in OBJECTIVES.get(objective).needs
 
 
 def resolve_asset(path: str | Path) -> Path:

@@ -6,12 +6,13 @@ any field. Every field's help string is its only documentation (``visalign train
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from visalign.config import apply_overrides, from_dict, load_yaml
-from visalign.train.advantages import AdvantageConfig
+from visalign.rewards.advantages import AdvantageConfig
 
 
 @dataclass
@@ -42,9 +43,11 @@ class ModelConfig:
 
 @dataclass
 class SampleConfig:
-    prompts: str = field(default="", metadata={"help": "Training prompts: a .txt (one per line), a .jsonl/.csv "
-                                                        "with a 'prompt' column (other columns reach the scorers "
-                                                        "as metadata), or a built-in set such as shapes:train."})
+    prompts: str = field(default="", metadata={"help": "Training prompts of the online source: a .txt (one per "
+                                                        "line) or a .jsonl/.csv with a 'prompt' column (other "
+                                                        "columns reach the scorers as metadata); a relative path is "
+                                                        "resolved against the recipe's folder, then the working "
+                                                        "folder. Unused by offline sources."})
     prompts_per_step: int = field(default=4, metadata={"help": "Distinct prompts sampled per iteration, per "
                                                                "process (global: × the number of processes)."})
     images_per_prompt: int = field(default=4, metadata={"help": "Samples per prompt: the group size G of the "
@@ -67,8 +70,6 @@ class SampleConfig:
                                             < self.sde_window[1] <= self.steps):
             raise ValueError(f"sample.sde_window {self.sde_window} must be [start, stop) with 0 <= start < stop <= "
                              f"sample.steps ({self.steps}).")
-        if not self.prompts:
-            raise ValueError("sample.prompts is empty: give a prompt file (.txt, .jsonl or .csv).")
         if self.images_per_prompt < 2:
             raise ValueError(f"sample.images_per_prompt must be >= 2 (a group needs two samples to compare); "
                              f"got {self.images_per_prompt}.")
@@ -85,19 +86,52 @@ class RewardConfig:
     advantage: AdvantageConfig = field(default_factory=AdvantageConfig, metadata={
         "help": "Group advantage normalisation."})
 
-    def __post_init__(self) -> None:
-        if not self.terms:
-            raise ValueError("reward.terms is empty: name at least one scorer, e.g. terms: [brightness].")
-
-
-@dataclass
-class ObjectiveConfig:
-    name: str = field(default="grpo", metadata={"help": "Objective id: grpo, prdp, dragon, raft."})
-    params: dict[str, Any] = field(default_factory=dict, metadata={"help": "Objective hyper-parameters."})
     pareto: bool = field(default=False, metadata={"help": "Parrot-style: only the batch's non-dominated samples "
                                                           "(over the reward terms) carry the update."})
     uncertainty_weights: bool = field(default=True, metadata={
         "help": "Multiply per-sample losses by extras['weight'] of uncertainty-aware scorers when present."})
+
+
+@dataclass
+class ObjectiveConfig:
+    name: str = field(default="grpo", metadata={"help": "Objective id: grpo, prdp, dragon, raft, draft, alignprop, "
+                                                        "refl, diffusion-dpo, rpo-harmonic (or pkg.module:Class)."})
+    params: dict[str, Any] = field(default_factory=dict, metadata={
+        "help": "Objective hyper-parameters: the fields of the objective's Params (listed by --help-config)."})
+    pareto: bool | None = field(default=None, metadata={"help": "Deprecated: use reward.pareto."})
+    uncertainty_weights: bool | None = field(default=None, metadata={
+        "help": "Deprecated: use reward.uncertainty_weights."})
+
+
+@dataclass
+class PairsConfig:
+    path: str = field(default="", metadata={"help": "Preference pairs: a .jsonl/.csv (image paths relative to it), "
+                                                    "a datasets save_to_disk folder, or a hub dataset id."})
+    split: str = field(default="train", metadata={"help": "Split of a datasets folder or hub dataset."})
+    prompt_column: str = field(default="prompt", metadata={"help": "Column holding the prompt."})
+    chosen_column: str = field(default="chosen", metadata={"help": "Column of the preferred image (image 0 with "
+                                                                   "label_column)."})
+    rejected_column: str = field(default="rejected", metadata={"help": "Column of the rejected image (image 1 with "
+                                                                       "label_column)."})
+    label_column: str | None = field(default=None, metadata={
+        "help": "Column with P(image 0 preferred) for two-image rows (Pick-a-Pic style); null = chosen/rejected."})
+    label_scorer: str | None = field(default=None, metadata={
+        "help": "Label each pair with σ(R(chosen) − R(rejected)) of this reference-based scorer (e.g. "
+                "lambda-harmonic-vit-b32 for RPO), the chosen image serving as the reference; null = hard labels."})
+    pairs_per_step: int = field(default=4, metadata={"help": "Pairs per iteration, per process."})
+    limit: int | None = field(default=None, metadata={"help": "Read at most this many rows (first N)."})
+
+    def __post_init__(self) -> None:
+        if self.pairs_per_step < 1:
+            raise ValueError(f"source.pairs.pairs_per_step must be >= 1; got {self.pairs_per_step}.")
+
+
+@dataclass
+class SourceConfig:
+    name: str = field(default="", metadata={"help": "Experience source: online (sample → score → advantages) or "
+                                                    "pairs (offline preference pairs); empty = the objective's "
+                                                    "default (pairs for diffusion-dpo and rpo-harmonic)."})
+    pairs: PairsConfig = field(default_factory=PairsConfig, metadata={"help": "The pairs source's data."})
 
 
 @dataclass
@@ -129,6 +163,10 @@ class EvalConfig:
     eta: float = field(default=0.0, metadata={"help": "η / noise level for eval samples (0 = deterministic)."})
     max_prompts: int = field(default=16, metadata={"help": "At most this many eval prompts (first N)."})
     seed: int = field(default=1234, metadata={"help": "Eval seed: the same noise every time, so evals pair."})
+    early_stop_metric: str | None = field(default=None, metadata={
+        "help": "Stop when this eval metric (e.g. eval/reward) has not improved for early_stop_patience evals, and "
+                "save the best weights as final/ (RPO's validation λ-Harmonic); null = run every iteration."})
+    early_stop_patience: int = field(default=3, metadata={"help": "Evals without improvement before stopping."})
 
 
 @dataclass
@@ -153,12 +191,43 @@ class RunConfig:
 @dataclass
 class TrainConfig:
     model: ModelConfig = field(metadata={"help": "The generator and how it is trained."})
-    sample: SampleConfig = field(metadata={"help": "Rollouts: prompts, group size, sampler."})
-    reward: RewardConfig = field(metadata={"help": "The reward: scorers, transforms, aggregation, advantages."})
+    sample: SampleConfig = field(default_factory=SampleConfig, metadata={
+        "help": "Rollouts: prompts, group size, sampler (the eval sampler too)."})
+    reward: RewardConfig = field(default_factory=RewardConfig, metadata={
+        "help": "The reward: scorers, transforms, aggregation, advantages."})
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig, metadata={"help": "The objective."})
+    source: SourceConfig = field(default_factory=SourceConfig, metadata={"help": "Where experience comes from."})
     optim: OptimConfig = field(default_factory=OptimConfig, metadata={"help": "Optimizer and schedule."})
     eval: EvalConfig = field(default_factory=EvalConfig, metadata={"help": "Held-out evaluation."})
     run: RunConfig = field(default_factory=RunConfig, metadata={"help": "Output, length, checkpoints, logs."})
+
+    def __post_init__(self) -> None:
+        o = self.objective
+        for key in ("pareto", "uncertainty_weights"):  # moved to the reward: post-processing lives in RewardSpec
+            value = getattr(o, key)
+            if value is not None:
+                warnings.warn(f"objective.{key} is deprecated and will be removed in visalign 0.3; use reward.{key}.",
+                              FutureWarning, stacklevel=2)
+                setattr(self.reward, key, value)
+                setattr(o, key, None)
+        if self.source.name == "online" or (not self.source.name and _default_source(o.name) == "online"):
+            if not self.sample.prompts:
+                raise ValueError("sample.prompts is empty: give a prompt file (.txt, .jsonl or .csv).")
+            if not self.reward.terms:
+                raise ValueError("reward.terms is empty: name at least one scorer, e.g. terms: [brightness].")
+        elif not self.source.pairs.path and (self.source.name or _default_source(o.name)) == "pairs":
+            raise ValueError("source.pairs.path is empty: give a pair file (.jsonl/.csv with prompt, chosen, "
+                             "rejected columns), a datasets folder or a hub dataset id.")
+
+
+def _default_source(objective: str) -> str:
+    """The objective's default source, or "online" when the id does not resolve (the trainer reports that)."""
+    from visalign.objectives.base import OBJECTIVES
+
+    try:
+        return OBJECTIVES.get(objective).default_source
+    except Exception:  # an unknown id: the trainer raises the registry's error with the known ids
+        return "online"
 
 
 def load_train_config(recipe: str | Path | None, overrides: list[str] | None = None) -> TrainConfig:
@@ -168,13 +237,14 @@ def load_train_config(recipe: str | Path | None, overrides: list[str] | None = N
     """
     data = load_yaml(recipe) if recipe else {}
     data = apply_overrides(data, overrides or [])
-    for section in ("model", "sample", "reward"):
-        if section not in data:
-            raise ValueError(f"The recipe has no '{section}' section; see pipelines/ for examples.")
+    if "model" not in data:
+        raise ValueError("The recipe has no 'model' section; see pipelines/ for examples.")
     config = from_dict(TrainConfig, data)
     if recipe:
         base = Path(recipe).resolve().parent
         config.sample.prompts = _resolve(config.sample.prompts, base)
+        if config.source.pairs.path:
+            config.source.pairs.path = _resolve(config.source.pairs.path, base)
         if config.eval.prompts:
             config.eval.prompts = _resolve(config.eval.prompts, base)
         config.model.model = _resolve(config.model.model, base)

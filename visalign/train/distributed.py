@@ -231,14 +231,14 @@ def gather_reward_metrics(reward: Any, dist: Distributed) -> dict[str, float]:
     straddle processes, so per-group statistics concatenate exactly. Scalar extras are averaged over processes.
 
     Args:
-        reward: this process's :class:`~visalign.scorers.compose.RewardOutput` (``total`` float32 ``[B]``).
+        reward: this process's :class:`~visalign.rewards.spec.RewardOutput` (``total`` float32 ``[B]``).
 
     Returns:
         The metric names of ``RewardOutput.metrics()`` (``reward``, ``reward_std``, ``reward/{name}/mean``, ...).
     """
     if not dist.multi:
         return reward.metrics()
-    from visalign.scorers.compose import RewardOutput
+    from visalign.rewards.spec import RewardOutput
 
     size = reward.total.shape[0]
     local = {"total": reward.total.detach().float().cpu(),

@@ -1,13 +1,20 @@
-"""The online training loop: rollout → score → advantages → objective update, with checkpoints and logs.
+"""The training engine: parameters, optimizer and schedule, EMA, gradient sync, checkpoints, logs and eval hooks.
 
-Each stage is its own method (STYLE.md §2.2). Everything random in an iteration (prompts, noise, step subsets,
-the objective's shuffles) is derived from ``(run.seed, iteration, process)``, so a run resumed from a checkpoint
-replays exactly what an uninterrupted run would have done.
+The engine knows nothing about where experience comes from. Per iteration it asks its experience source
+(``visalign/train/sources/``: ``online`` samples and scores the model, ``pairs`` reads preference pairs) for one
+batch and hands it to the objective (docs/architecture.md)::
 
-Under ``accelerate launch`` the loop is data parallel (``visalign/train/distributed.py``): each process samples and
-scores its own prompt groups, gradients are averaged across processes before every optimizer step, metrics are
-gathered for logging, and only the main process writes logs, grids, checkpoints and the final weights. Process 0
-draws exactly what a single-process run draws, so one process behaves as it always has.
+    batch = source.next()
+    metrics = objective.update(batch, ctx)      # ctx: adapter, optimizer_step, seeded generator, scorers...
+
+Everything random in an iteration (prompts, noise, step subsets, pair order, the objective's shuffles) is derived
+from ``(run.seed, iteration, process)``, so a run resumed from a checkpoint replays exactly what an uninterrupted
+run would have done.
+
+Under ``accelerate launch`` the loop is data parallel (``visalign/train/distributed.py``): each process makes its own
+batches, gradients are averaged across processes before every optimizer step, metrics are gathered for logging, and
+only the main process writes logs, grids, checkpoints and the final weights. Process 0 draws exactly what a
+single-process run draws, so one process behaves as it always has.
 """
 
 from __future__ import annotations
@@ -19,48 +26,33 @@ import math
 import os
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from visalign.config import to_dict
-from visalign.generators import LoraSpec, load_generator, select_train_steps
-from visalign.objectives.base import UpdateBatch, UpdateContext, build_objective
-from visalign.scorers import ScoreBatch
-from visalign.scorers.aggregate import pareto_mask
-from visalign.scorers.compose import RewardOutput, RewardSpec
-from visalign.train.advantages import group_index
+from visalign.generators import LoraSpec, load_generator
+from visalign.objectives.base import UpdateContext, build_objective
+from visalign.rewards import RewardSpec
+from visalign.scorers import ScoreBatch, get_scorer
 from visalign.train.checkpoint import checkpoint_dir, latest_checkpoint, load_checkpoint, save_checkpoint
 from visalign.train.config import TrainConfig
-from visalign.train.diagnostics import CollapseMonitor, group_diversity
-from visalign.train.distributed import (
-    Distributed,
-    GradientSync,
-    build_accelerator,
-    gather_reward_metrics,
-    mean_over_processes,
-)
+from visalign.train.distributed import Distributed, GradientSync, build_accelerator, mean_over_processes
+from visalign.train.evaluate import Evaluator
 from visalign.train.logging import RunLogger
-from visalign.train.prompts import PromptStream, read_prompt_file, read_prompt_table
+from visalign.train.sources import SourceContext, check_compatible, source_class
+from visalign.train.sources.online import TrainingError, stochastic_steps
 
-
-class TrainingError(RuntimeError):
-    """Training cannot go on (e.g. every sample's reward is NaN); the message says what to check."""
-
-
-@dataclass
-class Scored:
-    """One iteration's rollout with its rewards, after NaN samples were dropped."""
-
-    batch: UpdateBatch
-    reward: RewardOutput
-    dropped: int
+__all__ = ["Trainer", "TrainingError", "stochastic_steps", "truncate_metrics"]
 
 
 class Trainer:
-    """Builds every component from a :class:`TrainConfig` and runs the loop."""
+    """Builds every component from a :class:`TrainConfig` and runs the loop.
+
+    Everything that can be checked without the model is checked first (objective params and its compatibility with
+    the source, prompt and pair files, scorer ids, reward gradients), so a bad recipe fails in a second.
+    """
 
     def __init__(self, config: TrainConfig) -> None:
         self.config = config
@@ -70,37 +62,66 @@ class Trainer:
         if config.run.wandb and importlib.util.find_spec("wandb") is None:
             raise TrainingError("run.wandb is true but wandb is not installed: pip install wandb, or set "
                                 "run.wandb=false (metrics.jsonl and TensorBoard are written either way).")
-        # Prompt files are checked before the (slow) model load, so a bad file fails in a second.
-        prompts, metadata = read_prompt_table(config.sample.prompts)
-        self.prompts = PromptStream(prompts, seed=config.run.seed, metadata=metadata)
-        if config.sample.prompts_per_step > len(self.prompts.prompts):
-            raise ValueError(f"sample.prompts_per_step is {config.sample.prompts_per_step} but {config.sample.prompts}"
-                             f" has only {len(self.prompts.prompts)} distinct prompts (a step draws distinct prompts, "
-                             "one group each); lower sample.prompts_per_step or add prompts.")
-        self.eval_prompts = (read_prompt_file(config.eval.prompts)[: config.eval.max_prompts]
-                             if config.eval.prompts else [])
         m = config.model
         # A bare "cuda" means this process's own GPU under accelerate launch (cuda:LOCAL_RANK).
         device = str(self.dist.device) if m.device == "cuda" else m.device
-        # Objective params and scorer ids are checked before the model load too (scorer weights load lazily).
         self.objective = build_objective(config.objective.name, config.objective.params)
-        self.reward = RewardSpec.from_config({"terms": config.reward.terms, "aggregation": config.reward.aggregation,
-                                              "advantage": config.reward.advantage, "device": device})
+        source_cls = source_class(config.source.name or self.objective.default_source)
+        check_compatible(source_cls, type(self.objective))
+        r = config.reward
+        self.reward = (RewardSpec.from_config({"terms": r.terms, "aggregation": r.aggregation,
+                                               "advantage": r.advantage, "device": device, "pareto": r.pareto,
+                                               "uncertainty_weights": r.uncertainty_weights})
+                       if r.terms else None)
         self.eval_reward = (RewardSpec.from_config({"terms": config.eval.scorers, "device": device})
                             if config.eval.scorers else self.reward)
-        blocking = self.reward.blocking_terms() if self.objective.needs_reward_grad else []
+        self.scorers = self._objective_scorers(device)
+        self._check_reward_grad()
+        self.iteration = 0
+        self.source = source_cls(SourceContext(config=config, dist=self.dist, seed=self._seed, reward=self.reward,
+                                               write=self._write, iteration=lambda: self.iteration),
+                                 self.objective.needs)
+        self.evaluator = Evaluator(config, self.reward, self.eval_reward)
+        torch.manual_seed(config.run.seed)  # the same on every process: LoRA initialises identically
+        self.adapter = load_generator(m.model, dtype=m.dtype, device=device)
+        self.source.attach(self.adapter)
+        self._setup_training(m)
+        self.optimizer_steps = 0
+        self.logger: RunLogger | None = None
+        self.history: list[dict[str, float]] = []
+        self.first_eval: dict[str, float] = {}
+        self.early_stop = {"best": None, "since_best": 0, "stopped": False}
+        self.best_params: dict[str, torch.Tensor] | None = None
+
+    # ------------------------------------------------------------ building
+
+    def _objective_scorers(self, device: str) -> dict[str, Any]:
+        """The scorers the objective names (:meth:`Objective.scorer_specs`), built here so objectives never build
+        their own; weights still load on first call."""
+        scorers = {}
+        for key, spec in self.objective.scorer_specs().items():
+            scorer = get_scorer(spec, device=device)
+            if not scorer.differentiable:
+                raise ValueError(f"objective.params.{key} is {spec!r}, which cannot return gradients to the pixels; "
+                                 "pick a differentiable scorer (`visalign scorers list` shows which).")
+            scorers[key] = scorer
+        return scorers
+
+    def _check_reward_grad(self) -> None:
+        if "reward_grad" not in self.objective.needs:
+            return
+        if self.reward is None:
+            raise ValueError(f"objective {self.config.objective.name!r} backpropagates the reward, but reward.terms "
+                             "is empty.")
+        blocking = self.reward.blocking_terms()
         if blocking:
-            raise ValueError(f"objective {config.objective.name!r} backpropagates the reward, but reward term(s) "
+            raise ValueError(f"objective {self.config.objective.name!r} backpropagates the reward, but reward term(s) "
                              f"{blocking} cannot return gradients to the pixels; use "
                              "differentiable scorers (CLIP, embedding heads; `visalign scorers` lists them) or give "
                              "those terms weight 0.")
-        torch.manual_seed(config.run.seed)  # the same on every process: LoRA initialises identically
-        self.adapter = load_generator(m.model, dtype=m.dtype, device=device)
-        if config.sample.sde_window is not None:
-            if not hasattr(self.adapter, "configure_sde"):
-                raise ValueError(f"sample.sde_window needs a generator with SDE windows (DDIM UNet or flow "
-                                 f"families); {type(self.adapter).__name__} has none.")
-            self.adapter.configure_sde(window=tuple(config.sample.sde_window))
+
+    def _setup_training(self, m: Any) -> None:
+        """LoRA or full fine-tune, the trainable parameters, optimizer, schedule, EMA and gradient sync."""
         if m.init_lora is not None:
             self.adapter.load(m.init_lora)  # a stage that continues an earlier run's adapter
         elif m.lora_rank > 0:
@@ -111,7 +132,7 @@ class Trainer:
             self.adapter.set_gradient_checkpointing(True)
         self.params = {n: p for n, p in self.adapter.denoiser.named_parameters() if p.requires_grad}
         self.dist.broadcast_parameters(self.params.values())
-        o = config.optim
+        o = self.config.optim
         self.optimizer = torch.optim.AdamW(self.params.values(), lr=o.lr, betas=tuple(o.betas),
                                            weight_decay=o.weight_decay)
         warmup = max(o.warmup_steps, 0)
@@ -119,14 +140,8 @@ class Trainer:
             self.optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0)
         self.ema = {n: p.detach().clone() for n, p in self.params.items()} if o.ema_decay else None
         self.grad_sync = GradientSync(list(self.params.values()), self.dist, o.grad_accumulation, self._optimizer_step)
-        self.iteration = 0
-        self.optimizer_steps = 0
-        self.collapse = CollapseMonitor()
-        self.logger: RunLogger | None = None
-        self.history: list[dict[str, float]] = []
-        self.first_eval: dict[str, float] = {}
 
-    # ------------------------------------------------------------ stages
+    # ------------------------------------------------------------ one update
 
     def _seed(self, salt: int) -> int:
         # Process 0 keeps the single-process seeds; other processes are offset by a large prime, so per-sample
@@ -134,85 +149,15 @@ class Trainer:
         offset = self.dist.process_index * 15_485_863
         return (self.config.run.seed * 1_000_003 + self.iteration * 7919 + salt + offset) % (2**31 - 1)
 
-    def sample(self) -> Any:
-        """Roll out ``prompts_per_step`` prompts × ``images_per_prompt`` samples (a :class:`Rollout`, no graph)."""
-        s = self.config.sample
-        res = self.config.model.resolution
-        # Every process advances the shared stream by all processes' draws and keeps its own, so the stream's
-        # position is the same everywhere (one checkpointed state) and processes get different prompts.
-        for rank in range(self.dist.num_processes):
-            drawn = self.prompts.take_with_metadata(s.prompts_per_step)
-            if rank == self.dist.process_index:
-                prompts, metadata = drawn
-        rollout = self.adapter.rollout(prompts, images_per_prompt=s.images_per_prompt, steps=s.steps,
-                                       guidance=s.guidance, eta=s.eta, seed=self._seed(1),
-                                       negative_prompt=s.negative_prompt, height=res, width=res)
-        if any(metadata):  # the prompt table's other columns, one dict per sample, for the scorers
-            rollout.extras["metadata"] = [m for m in metadata for _ in range(s.images_per_prompt)]
-        return rollout
-
-    def score(self, rollout: Any) -> Scored:
-        """Rewards, advantages, Pareto/NaN masks and uncertainty weights of a rollout, as an :class:`UpdateBatch`.
-
-        Raises:
-            TrainingError: when no sample has a finite reward.
-        """
-        batch = ScoreBatch(prompts=rollout.prompts, media=rollout.media, metadata=rollout.extras.get("metadata"))
-        reward = self.reward(batch, group_ids=rollout.prompts)
-        finite = torch.isfinite(reward.total)
-        if not finite.any():
-            raise TrainingError(f"Every sample's reward is NaN at iteration {self.iteration} (terms "
-                                f"{self.reward.names}); a scorer abstains on all of them — check its inputs.")
-        groups = group_index(rollout.prompts, len(rollout))
-        keep = finite.clone()
-        if self.config.objective.pareto:
-            stacked = torch.stack([reward.per_scorer[n] for n in self.reward.names], dim=1)
-            keep &= pareto_mask(torch.nan_to_num(stacked, nan=-math.inf))
-        weights = torch.ones(len(rollout))
-        if self.config.objective.uncertainty_weights:
-            for key, value in reward.extras.items():
-                if key.endswith("/weight") and value.shape == weights.shape:
-                    weights = weights * torch.nan_to_num(value.detach().float().cpu(), nan=0.0)
-            # Mean 1 over the samples that carry the update (UpdateBatch's contract): the weights re-balance samples
-            # without rescaling the learning rate.
-            kept_mean = weights[keep].mean() if keep.any() else torch.tensor(0.0)
-            if kept_mean > 0:
-                weights = weights / kept_mean
-        advantages = torch.nan_to_num(reward.advantages.detach().float().cpu(), nan=0.0)
-        batch = UpdateBatch(rollout=rollout, rewards=torch.nan_to_num(reward.total.detach().float().cpu(), nan=0.0),
-                            per_scorer={k: v.detach().cpu() for k, v in reward.per_scorer.items()},
-                            advantages=torch.where(keep, advantages, torch.zeros_like(advantages)),
-                            group_ids=groups, weights=weights, keep=keep)
-        return Scored(batch, reward, int((~finite).sum()))
-
-    def train_steps(self, rollout: Any) -> list[int]:
-        """Rollout steps to train on: the configured fraction, without deterministic steps, optionally subsampled.
-
-        A step whose log-prob is not finite for some sample has no density (zero noise: DDIM's last step lands on
-        ᾱ = 1, CPS's last step, an ODE step outside an SDE window); training on it would turn the weights into NaN.
-        """
-        s = self.config.sample
-        if not self.objective.needs_log_probs:  # reward backprop picks its own steps and may sample with η = 0
-            return select_train_steps(rollout.num_steps, fraction=s.train_fraction)
-        stochastic = set(stochastic_steps(rollout))
-        steps = [j for j in select_train_steps(rollout.num_steps, fraction=s.train_fraction) if j in stochastic]
-        if not steps:
-            raise TrainingError(f"None of the trained steps has a finite log-prob (sample.eta = {s.eta}); rollouts "
-                                "need noise (eta > 0) on the trained steps.")
-        if s.train_steps_per_update and s.train_steps_per_update < len(steps):
-            g = torch.Generator().manual_seed(self._seed(2))
-            pick = torch.randperm(len(steps), generator=g)[: s.train_steps_per_update]
-            steps = sorted(steps[i] for i in pick.tolist())
-        return steps
-
-    def update(self, scored: Scored) -> dict[str, float]:
-        """The objective's gradient steps on one scored rollout; returns its metrics (loss, clipfrac, grad_norm...)."""
+    def update(self, batch: Any) -> dict[str, float]:
+        """The objective's gradient steps on one batch; returns its metrics (loss, clipfrac, grad_norm...)."""
         self.adapter.denoiser.train(False)  # dropout stays off: it would break the ratio-1 invariant
-        ctx = UpdateContext(self.adapter, self.train_steps(scored.batch.rollout), self.grad_sync.micro_step,
+        ctx = UpdateContext(self.adapter, self.source.train_steps(batch), self.grad_sync.micro_step,
                             torch.Generator().manual_seed(self._seed(3)),
-                            reward=self.reward_with_grad if self.objective.needs_reward_grad else None)
+                            reward=self.reward_with_grad if "reward_grad" in self.objective.needs else None,
+                            scorers=self.scorers)
         self.grad_sync.norms = []
-        metrics = self.objective.update(scored.batch, ctx)
+        metrics = self.objective.update(batch, ctx)
         self.grad_sync.flush()
         norms = self.grad_sync.norms
         if norms:  # the steps actually taken (accumulating calls return NaN to the objective)
@@ -223,7 +168,7 @@ class Trainer:
                          ) -> torch.Tensor:
         """The training reward's total ``[B]`` with the graph back to ``media`` (reward backprop). Running
         transform statistics are left as the rollout's scoring set them: this re-scores the same samples."""
-        with _frozen_transforms(self.reward):
+        with self.reward.frozen_transforms():
             return self.reward(ScoreBatch(prompts=list(prompts), media=media, metadata=metadata), grad=True).total
 
     def _optimizer_step(self) -> float:
@@ -247,56 +192,41 @@ class Trainer:
 
     def evaluate(self) -> dict[str, float]:
         """Score fixed-seed samples of the eval prompts (EMA weights when on) with the held-out eval scorers and
-        with the training proxy, so the two curves can be compared (METHODS §15, proxy vs gold).
+        with the training proxy (:class:`~visalign.train.evaluate.Evaluator`); write the eval grid.
 
         Returns:
-            ``eval/reward...`` (held-out scorers; the proxy's own when ``eval.scorers`` is empty) and, with separate
-            eval scorers, ``eval/proxy/reward...``; empty without eval prompts and on processes other than the main
-            one (the replicas hold the same weights, so one evaluation serves all).
+            ``eval/reward...`` and, with separate eval scorers, ``eval/proxy/reward...``; empty without eval prompts
+            and on processes other than the main one (the replicas hold the same weights, so one evaluation serves
+            all).
         """
-        if not self.eval_prompts or not self.dist.is_main:
+        if not self.evaluator.active or not self.dist.is_main:
             return {}
-        e = self.config.eval
-        res = self.config.model.resolution
         with self._ema_weights():
-            rollout = self.adapter.rollout(self.eval_prompts, images_per_prompt=1, steps=e.steps or
-                                           self.config.sample.steps, guidance=self.config.sample.guidance, eta=e.eta,
-                                           seed=e.seed, negative_prompt=self.config.sample.negative_prompt,
-                                           height=res, width=res)
-        batch = ScoreBatch(prompts=rollout.prompts, media=rollout.media)
-        with _frozen_transforms(self.eval_reward):
-            held_out = self.eval_reward(batch)
-        metrics = {f"eval/{k}": v for k, v in held_out.metrics().items() if k.startswith("reward")}
-        if self.eval_reward is not self.reward:
-            with _frozen_transforms(self.reward):  # eval samples must not move the training reward's statistics
-                proxy = self.reward(batch)
-            metrics.update({f"eval/proxy/{k}": v for k, v in proxy.metrics().items() if k.startswith("reward")})
+            metrics, media = self.evaluator(self.adapter)
         if self.logger is not None:
-            self.logger.grid(self.iteration, rollout.media, columns=min(8, len(self.eval_prompts)))
+            self.logger.grid(self.iteration, media, columns=min(8, len(self.evaluator.prompts)))
         return metrics
 
-    def path_kl(self, rollout: Any, num_steps: int = 2) -> float:
-        """Path KL to the reference (LoRA-off) model, ``E Σ_t ||mu_θ − mu_ref||² / (2σ_t²)`` summed over latent
-        elements (METHODS §15), estimated on this iteration's own SDE rollout from ``num_steps`` evenly spaced
-        stochastic steps, scaled by ``S / num_steps``. NaN without LoRA (no reference to switch to) or for a
-        deterministic sampler."""
-        if self.adapter.lora is None or rollout.eta <= 0:
-            return float("nan")
-        total_steps = rollout.num_steps
-        stochastic = stochastic_steps(rollout)  # a zero-noise step has std 0: its KL term would be inf/NaN
-        if not stochastic:
-            return float("nan")
-        picks = sorted({stochastic[round(i * (len(stochastic) - 1) / max(num_steps - 1, 1))]
-                        for i in range(num_steps)})
-        per_step = []
-        with torch.no_grad():
-            for j in picks:
-                ours = self.adapter.recompute_step(rollout, j)
-                with self.adapter.lora_disabled():
-                    ref = self.adapter.recompute_step(rollout, j)
-                kl = ((ours.mean.float() - ref.mean.float()) ** 2 / (2 * ours.std.float() ** 2)).flatten(1).sum(1)
-                per_step.append(kl.mean())
-        return float(torch.stack(per_step).mean() * total_steps)
+    def _track_early_stop(self, metrics: dict[str, float]) -> None:
+        """Keep the best weights by ``eval.early_stop_metric`` (higher is better) and stop after
+        ``eval.early_stop_patience`` evaluations without improvement; every process gets the main one's verdict."""
+        key = self.config.eval.early_stop_metric
+        if key is None:
+            return
+        state = self.early_stop
+        value = metrics.get(key) if self.dist.is_main else None
+        if self.dist.is_main and value is None:
+            raise TrainingError(f"eval.early_stop_metric {key!r} is not among the eval metrics "
+                                f"{sorted(k for k in metrics if k.startswith('eval/'))}.")
+        if self.dist.is_main:
+            if state["best"] is None or value > state["best"]:
+                state["best"], state["since_best"] = float(value), 0
+                with self._ema_weights():
+                    self.best_params = {n: p.detach().clone() for n, p in self.params.items()}
+            else:
+                state["since_best"] += 1
+            state["stopped"] = state["since_best"] >= self.config.eval.early_stop_patience
+        self.early_stop = self.dist.broadcast_object(dict(state))
 
     @contextlib.contextmanager
     def _ema_weights(self) -> Iterator[None]:
@@ -304,10 +234,16 @@ class Trainer:
         if self.ema is None:
             yield
             return
+        with self._swapped(self.ema):
+            yield
+
+    @contextlib.contextmanager
+    def _swapped(self, weights: dict[str, torch.Tensor]) -> Iterator[None]:
+        """Inside the block the trainable weights are ``weights`` (copied in); the current ones come back on exit."""
         saved = {n: p.detach().clone() for n, p in self.params.items()}
         with torch.no_grad():
             for n, p in self.params.items():
-                p.copy_(self.ema[n])
+                p.copy_(weights[n])
         try:
             yield
         finally:
@@ -319,10 +255,10 @@ class Trainer:
 
     def save_checkpoint(self) -> Path:
         """Write a checkpoint (the main process writes; every process must call this, since each one's RNG and
-        reward-transform state is gathered into it). Weights, optimizer, EMA, schedule and prompt position are the
-        same on every process and saved once."""
+        reward-transform state is gathered into it). Weights, optimizer, EMA, schedule and the source's position
+        are the same on every process and saved once."""
         # Only RNG and stateful reward transforms differ between processes (each sees its own samples).
-        own = (torch.get_rng_state(), self.reward.state_dict())
+        own = (torch.get_rng_state(), _state(self.reward))
         gathered = self.dist.gather_objects(own)
         path = checkpoint_dir(self.run_dir) / f"step-{self.iteration:06d}"
         if self.dist.is_main:
@@ -332,10 +268,12 @@ class Trainer:
                 extra.update({f"ema.{n}": t for n, t in self.ema.items()})
             # The objective's own state (e.g. DRAGON's frozen reference of a full fine-tune), the same everywhere.
             extra.update({f"objective.{k}": t for k, t in self.objective.state_tensors().items()})
+            if self.best_params is not None:  # the early stop's best weights so far: final/ is saved from them
+                extra.update({f"best.{n}": t for n, t in self.best_params.items()})
             state = {"iteration": self.iteration, "optimizer_steps": self.optimizer_steps,
-                     "scheduler": self.scheduler.state_dict(), "prompts": self.prompts.state_dict(),
-                     "reward": self.reward.state_dict(), "eval_reward": self.eval_reward.state_dict(),
-                     "collapse": self.collapse.state_dict(), "first_eval": self.first_eval}
+                     "scheduler": self.scheduler.state_dict(), "source": self.source.state_dict(),
+                     "reward": _state(self.reward), "eval_reward": _state(self.eval_reward),
+                     "first_eval": self.first_eval, "early_stop": self.early_stop}
             if self.dist.multi:
                 state["num_processes"] = self.dist.num_processes
                 state["reward_other_ranks"] = [g[1] for g in gathered[1:]]
@@ -347,9 +285,10 @@ class Trainer:
     def resume(self) -> bool:
         """Restore the newest complete checkpoint of ``run.output_dir``; False when there is none.
 
-        Restores weights, optimizer (AdamW moments and step counts), LR schedule, EMA, RNG state, prompt-stream
-        position, stateful reward transforms and the diagnostics' baselines; metrics rows logged after the
-        checkpoint (by a run that was killed later) are dropped, since the resumed run logs those steps again.
+        Restores weights, optimizer (AdamW moments and step counts), LR schedule, EMA, RNG state, the source's
+        state (prompt-stream or pair position, the diagnostics' baselines), stateful reward transforms; metrics rows
+        logged after the checkpoint (by a run that was killed later) are dropped, since the resumed run logs those
+        steps again.
         Every process loads the checkpoint the main process picked, and its own RNG and reward-transform state.
         """
         path = self.dist.broadcast_object(latest_checkpoint(self.run_dir))
@@ -369,9 +308,9 @@ class Trainer:
                 p.copy_(params[name])
         self.optimizer.load_state_dict(optimizer)
         self.scheduler.load_state_dict(state["scheduler"])
-        self.prompts.load_state_dict(state["prompts"])
+        self.source.load_state_dict(state["source"])
         self._load_process_state(state, extra)
-        if self.eval_reward is not self.reward:
+        if self.eval_reward is not None and self.eval_reward is not self.reward:
             self.eval_reward.load_state_dict(state.get("eval_reward", {}))
         if self.ema is not None:
             self.ema = {n: extra[f"ema.{n}"].clone() for n in self.params}
@@ -379,11 +318,13 @@ class Trainer:
                                            if k.startswith("objective.")}, self.adapter)
         self.iteration = int(state["iteration"])
         self.optimizer_steps = int(state["optimizer_steps"])
-        self.collapse.load_state_dict(state.get("collapse", {}))
         self.first_eval = dict(state.get("first_eval", {}))
+        self.early_stop = dict(state.get("early_stop", self.early_stop))
+        best = {n: extra[f"best.{n}"].clone() for n in self.params if f"best.{n}" in extra}
+        self.best_params = best or None
         rows = truncate_metrics(self.run_dir, self.iteration) if self.dist.is_main else None
         rows = self.dist.broadcast_object(rows)
-        self.history = [r for r in rows if "reward" in r and r["reward"] is not None]
+        self.history = [r for r in rows if "lr" in r]  # iteration rows (evaluation-only rows have no lr)
         return True
 
     def _load_process_state(self, state: dict[str, Any], extra: dict[str, torch.Tensor]) -> None:
@@ -396,7 +337,8 @@ class Trainer:
                         f"{self.dist.num_processes}; sampling differs from an uninterrupted run from here on.")
         others = state.get("reward_other_ranks", [])
         reward_state = others[rank - 1] if 0 < rank <= len(others) else state["reward"]
-        self.reward.load_state_dict(reward_state)
+        if self.reward is not None:
+            self.reward.load_state_dict(reward_state)
         torch.set_rng_state(extra.get(f"torch_rng.rank{rank}", extra["torch_rng"]))
 
     # ------------------------------------------------------------ the loop
@@ -418,30 +360,48 @@ class Trainer:
             self.first_eval = self.evaluate()
             if self.first_eval:
                 self.logger.log(self.iteration, self.first_eval)
+                self._track_early_stop(self.first_eval)
         self.bar = tqdm(total=r.iterations, initial=self.iteration, disable=not (r.progress and main), unit="it",
                         dynamic_ncols=True)
         try:
-            while self.iteration < r.iterations:
+            while self.iteration < r.iterations and not self.early_stop["stopped"]:
                 metrics = self.one_iteration()
                 self.history.append(metrics)
                 self.bar.update(1)
-                self.bar.set_postfix(reward=f"{metrics['reward']:.4f}", refresh=False)
-                if self.iteration % r.checkpoint_every == 0 or self.iteration == r.iterations:
+                shown = metrics.get("reward", metrics.get("loss"))
+                if shown is not None:
+                    self.bar.set_postfix(reward=f"{shown:.4f}", refresh=False)
+                if (self.iteration % r.checkpoint_every == 0 or self.iteration == r.iterations
+                        or self.early_stop["stopped"]):
                     self.save_checkpoint()
         finally:
             self.bar.close()
+        if self.early_stop["stopped"] and main:
+            self._write(f"early stop at iteration {self.iteration}: {self.config.eval.early_stop_metric} has not "
+                        f"improved on {self.early_stop['best']:.4f} for {self.early_stop['since_best']} evaluations.")
         self._check_replicas()
         final_eval = self.evaluate()
         summary = self._summary(self.history, self.first_eval, final_eval)
         if main:
             if final_eval:
                 self.logger.log(self.iteration, final_eval)
-            with self._ema_weights():
+            with self._final_weights():
                 self.adapter.save(self.run_dir / "final")
             (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
             self.logger.close()
         self.dist.wait()
         return summary
+
+    @contextlib.contextmanager
+    def _final_weights(self) -> Iterator[None]:
+        """The weights final/ is saved with: the best by the early-stop metric when it is tracked, else the EMA's
+        (or the current ones without EMA)."""
+        if self.best_params is None:
+            with self._ema_weights():
+                yield
+            return
+        with self._swapped(self.best_params):
+            yield
 
     def _check_replicas(self) -> None:
         """Raise when the processes' trainable weights differ (gradients were not synchronised): the main
@@ -458,40 +418,30 @@ class Trainer:
                                     "gradients were not synchronised across processes.")
 
     def one_iteration(self) -> dict[str, float]:
-        """Sample → score → update once; log and return the iteration's metrics."""
+        """Source → update once; log and return the iteration's metrics."""
         t0 = time.perf_counter()
-        rollout = self.sample()
+        batch = self.source.next()
         t1 = time.perf_counter()
-        scored = self.score(rollout)
+        update = self.update(batch)
         t2 = time.perf_counter()
-        update = self.update(scored)
-        t3 = time.perf_counter()
         self.iteration += 1
-        adv = scored.batch.advantages[scored.batch.keep]
-        metrics: dict[str, float] = {**update}
-        metrics.update({"nan_dropped": float(scored.dropped), "lr": self.scheduler.get_last_lr()[0],
-                        "time/sample": t1 - t0, "time/score": t2 - t1, "time/update": t3 - t2,
-                        "time/iteration": t3 - t0, "samples_per_second": len(rollout) / (t3 - t0),
-                        "advantage_abs_mean": float(adv.abs().mean()) if adv.numel() else 0.0,
-                        "advantage_std": float(adv.std()) if adv.numel() > 1 else 0.0,
-                        "diversity": group_diversity(rollout.media.cpu(), scored.batch.group_ids)})
+        metrics: dict[str, float] = {**update, **self.source.local_metrics(batch)}
+        metrics.update({"lr": self.scheduler.get_last_lr()[0], "time/update": t2 - t1, "time/iteration": t2 - t0,
+                        "samples_per_second": len(batch) / (t2 - t0)})
         if self.dist.multi:  # every process gets the same combined metrics (the collapse monitor stays in sync)
             metrics = mean_over_processes(self.dist.gather_objects(metrics))
-        metrics = {**gather_reward_metrics(scored.reward, self.dist), **metrics}
-        warning = self.collapse.check(metrics.get("reward_std", float("nan")))
-        if warning:
-            metrics["collapse_warning"] = 1.0
-            if self.collapse.warned == 1 and self.dist.is_main:  # printed once per run; the metric keeps counting
-                self._write(f"warning: {warning}")
+        metrics = self.source.global_metrics(batch, metrics)
         e = self.config.eval
-        if self.eval_prompts and e.every and self.iteration % e.every == 0:
-            metrics.update(self.evaluate())
-            if self.dist.is_main:  # of the main process's rollout, beside its evaluation
-                metrics["path_kl"] = self.path_kl(rollout)
+        if self.evaluator.active and e.every and self.iteration % e.every == 0:
+            evaluated = self.evaluate()
+            metrics.update(evaluated)
+            if self.dist.is_main:  # of the main process's batch, beside its evaluation
+                metrics.update(self.source.eval_metrics(batch))
+            self._track_early_stop(evaluated)
         if self.logger is not None:
-            if self.config.run.grid_every and self.iteration % self.config.run.grid_every == 0:
-                self.logger.grid(self.iteration, rollout.media, columns=self.config.sample.images_per_prompt,
-                                 tag="train")
+            grid = self.source.grid(batch)
+            if self.config.run.grid_every and self.iteration % self.config.run.grid_every == 0 and grid is not None:
+                self.logger.grid(self.iteration, grid[0], columns=grid[1], tag="train")
             self.logger.log(self.iteration, metrics)
         return metrics
 
@@ -510,37 +460,24 @@ class Trainer:
             return sum(vals) / len(vals) if vals else float("nan")
 
         k = max(1, len(history) // 5)
-        return {"iterations": self.iteration, "train_reward_first": mean_of(history[:k], "reward"),
-                "train_reward_last": mean_of(history[-k:], "reward"),
-                "reward_std_first": mean_of(history[:k], "reward_std"),
-                "reward_std_last": mean_of(history[-k:], "reward_std"),
-                "diversity_first": mean_of(history[:k], "diversity"),
-                "diversity_last": mean_of(history[-k:], "diversity"),
-                "path_kl_last": mean_of([r for r in history if r.get("path_kl") is not None][-1:], "path_kl"),
-                "nan_dropped": int(sum(r.get("nan_dropped") or 0 for r in history)),
-                "eval_before": first, "eval_after": last,
-                "collapse_warnings": int(sum(r.get("collapse_warning") or 0 for r in history)),
-                "final_weights": str(self.run_dir / "final")}
+        summary = {"iterations": self.iteration, "train_reward_first": mean_of(history[:k], "reward"),
+                   "train_reward_last": mean_of(history[-k:], "reward"),
+                   "reward_std_first": mean_of(history[:k], "reward_std"),
+                   "reward_std_last": mean_of(history[-k:], "reward_std"),
+                   "diversity_first": mean_of(history[:k], "diversity"),
+                   "diversity_last": mean_of(history[-k:], "diversity"),
+                   "path_kl_last": mean_of([r for r in history if r.get("path_kl") is not None][-1:], "path_kl"),
+                   "nan_dropped": int(sum(r.get("nan_dropped") or 0 for r in history)),
+                   "eval_before": first, "eval_after": last,
+                   "collapse_warnings": int(sum(r.get("collapse_warning") or 0 for r in history)),
+                   "final_weights": str(self.run_dir / "final")}
+        if self.config.eval.early_stop_metric is not None:
+            summary["early_stop"] = dict(self.early_stop)
+        return summary
 
 
-def stochastic_steps(rollout: Any) -> list[int]:
-    """Indices of the rollout's steps whose log-prob is finite for every sample, i.e. that have a density (not
-    DDIM's last step onto ᾱ = 1, CPS's last step, or an ODE step outside an SDE window)."""
-    finite = torch.isfinite(rollout.log_probs).all(dim=0)
-    return [j for j in range(rollout.num_steps) if bool(finite[j])]
-
-
-@contextlib.contextmanager
-def _frozen_transforms(spec: RewardSpec) -> Iterator[None]:
-    """Running reward statistics (``running-zscore``) stay untouched inside the block: evaluation reads them."""
-    frozen = [t for t in spec.transforms.values() if getattr(t, "update", False)]
-    for t in frozen:
-        t.update = False
-    try:
-        yield
-    finally:
-        for t in frozen:
-            t.update = True
+def _state(spec: RewardSpec | None) -> dict[str, Any]:
+    return {} if spec is None else spec.state_dict()
 
 
 def truncate_metrics(run_dir: Path, step: int) -> list[dict[str, Any]]:

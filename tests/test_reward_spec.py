@@ -7,9 +7,9 @@ import pickle
 import pytest
 import torch
 
+from visalign.rewards.advantages import AdvantageConfig
+from visalign.rewards.spec import RewardOutput, RewardSpec
 from visalign.scorers import ScoreBatch
-from visalign.scorers.compose import RewardOutput, RewardSpec
-from visalign.train.advantages import AdvantageConfig
 
 NAN = float("nan")
 

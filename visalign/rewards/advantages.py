@@ -16,6 +16,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from visalign.reductions import group_index, group_stats
+
 
 @dataclass
 class AdvantageConfig:
@@ -58,54 +60,6 @@ class GroupAdvantages:
     def frac_zero_std(self) -> float:
         """Fraction of samples in zero-variance groups (TRL's ``frac_reward_zero_std``)."""
         return float(self.zero_std.float().mean()) if self.zero_std.numel() else 0.0
-
-
-def group_index(group_ids: Sequence[Any] | Tensor, n: int | None = None) -> Tensor:
-    """Map group ids (prompt strings, prompt ids, ...) to int64 ``[B]`` indices 0..G−1 by first appearance.
-
-    Args:
-        group_ids: one hashable id per sample, or a 1-D integer tensor.
-        n: the expected batch size; a different length raises.
-    """
-    if isinstance(group_ids, Tensor):
-        if group_ids.ndim != 1:
-            raise ValueError(f"group_ids must be 1-D [B]; got shape {tuple(group_ids.shape)}.")
-        group_ids = group_ids.tolist()
-    if isinstance(group_ids, str):
-        raise TypeError("group_ids must be one id per sample (e.g. the list of prompts), not a single string.")
-    seen: dict[Any, int] = {}
-    index = [seen.setdefault(g, len(seen)) for g in group_ids]
-    if n is not None and len(index) != n:
-        raise ValueError(f"Got {len(index)} group ids for {n} rewards; pass exactly one group id per sample.")
-    return torch.tensor(index, dtype=torch.long)
-
-
-def group_stats(values: Tensor, index: Tensor, ddof: int = 0) -> tuple[Tensor, Tensor, Tensor]:
-    """Nan-aware per-group mean, std and "all tied" flag, broadcast back to ``[B]``.
-
-    Args:
-        values: float ``[B]``; NaN entries are left out of their group's statistics.
-        index: int64 ``[B]`` group indices from :func:`group_index`.
-        ddof: 0 for the population std, 1 for the sample std (a group with ≤ ddof values gets std 0).
-
-    Returns:
-        ``(mean [B], std [B], tied [B] bool)``; ``tied`` is true when a group has fewer than two distinct finite
-        values — compared exactly, since ``std`` of identical floats can come out a rounding error above 0.
-    """
-    index = index.to(values.device)
-    num_groups = int(index.max()) + 1 if index.numel() else 0
-    present = ~torch.isnan(values)
-    filled = torch.where(present, values, torch.zeros_like(values))
-    count = values.new_zeros(num_groups).index_add_(0, index, present.to(values.dtype))
-    total = torch.zeros_like(count).index_add_(0, index, filled)
-    mean = total / count.clamp(min=1)
-    dev = torch.where(present, values - mean[index], torch.zeros_like(values))
-    sq = torch.zeros_like(count).index_add_(0, index, dev * dev)
-    std = (sq / (count - ddof).clamp(min=1)).sqrt() * (count > ddof)
-    hi = torch.full_like(count, -torch.inf).scatter_reduce(0, index, torch.where(present, values, -torch.inf), "amax")
-    lo = torch.full_like(count, torch.inf).scatter_reduce(0, index, torch.where(present, values, torch.inf), "amin")
-    tied = ~(hi > lo)
-    return mean[index], std[index], tied[index]
 
 
 def group_advantages(rewards: Tensor, group_ids: Sequence[Any] | Tensor,

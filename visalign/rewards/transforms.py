@@ -1,7 +1,7 @@
 """Reward transforms: what happens to one scorer's reward before it is weighted and aggregated (METHODS §11).
 
 Order of operations (METHODS §11): raw score → card normalisation (inside the scorer) → **transform** →
-weight → aggregate (``visalign.scorers.aggregate``) → advantage (``visalign.train.advantages``).
+weight → aggregate (``visalign.rewards.aggregate``) → advantage (``visalign.rewards.advantages``).
 
 Each transform is a small class in the ``TRANSFORMS`` registry (a data table, not an ``elif``); a recipe names
 one as a string (``"rank"``) or a mapping (``{kind: affine, lo: 0, hi: 26}``). Every transform maps a float

@@ -15,19 +15,22 @@ Weights, transforms and the aggregation rule live here, never inside a scorer (S
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import contextlib
+import math
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from visalign.reductions import group_index, pareto_mask
+from visalign.rewards.advantages import AdvantageConfig, group_advantages
+from visalign.rewards.aggregate import Aggregation, build_aggregation
+from visalign.rewards.transforms import Transform, build_transform
 from visalign.scorers import ScoreBatch, Scorer, get_scorer
-from visalign.scorers.aggregate import Aggregation, build_aggregation
-from visalign.scorers.transforms import Transform, build_transform
-from visalign.train.advantages import AdvantageConfig, group_advantages, group_index
 
-__all__ = ["RewardOutput", "RewardSpec", "RewardTerm"]
+__all__ = ["NoFiniteReward", "RewardOutput", "RewardSpec", "RewardTerm", "UpdateRewards"]
 
 
 @dataclass
@@ -107,6 +110,35 @@ class RewardOutput:
         return out
 
 
+class NoFiniteReward(ValueError):
+    """No sample of a batch has a finite reward: every term abstains (NaN) on every sample."""
+
+
+@dataclass
+class UpdateRewards:
+    """A grouped batch's rewards after post-processing (:meth:`RewardSpec.for_update`), on the CPU.
+
+    Attributes:
+        output: the full :class:`RewardOutput` (per-term values and extras, for logging).
+        rewards: float32 ``[B]``, the total with NaN replaced by 0.
+        per_scorer: name → float32 ``[B]`` per-term rewards after their transforms.
+        advantages: float32 ``[B]``, 0 for zero-variance groups and outside ``keep``.
+        group_ids: int64 ``[B]``, the prompt group of each sample, numbered by first appearance.
+        weights: float32 ``[B]`` per-sample update weights (uncertainty ``exp(−U)``, mean 1 over ``keep``), else 1.
+        keep: bool ``[B]``, samples allowed to carry the update (finite reward, Pareto front when on).
+        dropped: how many samples had a NaN total.
+    """
+
+    output: RewardOutput
+    rewards: Tensor
+    per_scorer: dict[str, Tensor]
+    advantages: Tensor
+    group_ids: Tensor
+    weights: Tensor
+    keep: Tensor
+    dropped: int
+
+
 @dataclass
 class RewardSpec:
     """A list of weighted, transformed scorers and the rule that aggregates them.
@@ -117,12 +149,18 @@ class RewardSpec:
             ``worst-case``, ``mean-minus-var``, ``mean``, ``median``).
         advantage: how totals become per-prompt group advantages when ``group_ids`` are given.
         device: device the scorers are built on.
+        pareto: Parrot-style selection for updates: only the batch's non-dominated samples (over the terms) keep
+            their advantage (:meth:`for_update`).
+        uncertainty_weights: multiply per-sample update weights by the ``{name}/weight`` extras of
+            uncertainty-aware terms (:meth:`for_update`).
     """
 
     terms: list[RewardTerm]
     aggregation: str | dict[str, Any] | Aggregation = "weighted-sum"
     advantage: AdvantageConfig = field(default_factory=AdvantageConfig)
     device: str = "cpu"
+    pareto: bool = False
+    uncertainty_weights: bool = True
 
     def __post_init__(self) -> None:
         self.terms = [RewardTerm.from_config(t) for t in self.terms]
@@ -150,7 +188,7 @@ class RewardSpec:
         Unknown keys raise.
         """
         if isinstance(config, dict):
-            allowed = {"terms", "aggregation", "advantage", "device"}
+            allowed = {"terms", "aggregation", "advantage", "device", "pareto", "uncertainty_weights"}
             unknown = set(config) - allowed
             if unknown:
                 raise ValueError(f"Unknown key(s) {sorted(unknown)} in reward config; allowed: {sorted(allowed)}.")
@@ -229,6 +267,56 @@ class RewardSpec:
             if advantages is not None:
                 advantages = torch.where(agg.keep, advantages, torch.zeros_like(advantages))
         return RewardOutput(total=agg.total, per_scorer=per_scorer, raw=raw, advantages=advantages, extras=extras)
+
+    def for_update(self, batch: ScoreBatch, group_ids: Sequence[Any]) -> UpdateRewards:
+        """Score a grouped batch and post-process the result into what an update consumes.
+
+        The post-processing, in order: samples whose total is NaN (no term applies) are dropped (``keep`` false,
+        reward 0); with ``pareto`` only the non-dominated samples over the terms are kept; with
+        ``uncertainty_weights`` the per-sample weight is the product of the terms' ``{name}/weight`` extras
+        (NaN → 0), rescaled to mean 1 over the kept samples so it re-balances samples without rescaling the
+        learning rate; advantages are 0 outside ``keep``.
+
+        Raises:
+            NoFiniteReward: when no sample has a finite total.
+        """
+        reward = self(batch, group_ids=group_ids)
+        n = len(batch)
+        finite = torch.isfinite(reward.total)
+        if not finite.any():
+            raise NoFiniteReward(f"Every sample's reward is NaN (terms {self.names}); a scorer abstains on all of "
+                                 "them — check its inputs.")
+        keep = finite.clone()
+        if self.pareto:
+            stacked = torch.stack([reward.per_scorer[name] for name in self.names], dim=1)
+            keep &= pareto_mask(torch.nan_to_num(stacked, nan=-math.inf))
+        weights = torch.ones(n)
+        if self.uncertainty_weights:
+            for key, value in reward.extras.items():
+                if key.endswith("/weight") and value.shape == weights.shape:
+                    weights = weights * torch.nan_to_num(value.detach().float().cpu(), nan=0.0)
+            kept_mean = weights[keep].mean() if keep.any() else torch.tensor(0.0)
+            if kept_mean > 0:
+                weights = weights / kept_mean
+        advantages = torch.nan_to_num(reward.advantages.detach().float().cpu(), nan=0.0)
+        return UpdateRewards(output=reward, rewards=torch.nan_to_num(reward.total.detach().float().cpu(), nan=0.0),
+                             per_scorer={k: v.detach().cpu() for k, v in reward.per_scorer.items()},
+                             advantages=torch.where(keep, advantages, torch.zeros_like(advantages)),
+                             group_ids=group_index(group_ids, n), weights=weights, keep=keep,
+                             dropped=int((~finite).sum()))
+
+    @contextlib.contextmanager
+    def frozen_transforms(self) -> Iterator[None]:
+        """Running reward statistics (``running-zscore``) stay untouched inside the block: a re-score of the same
+        samples (reward backprop) or an evaluation reads them without moving them."""
+        frozen = [t for t in self.transforms.values() if getattr(t, "update", False)]
+        for t in frozen:
+            t.update = False
+        try:
+            yield
+        finally:
+            for t in frozen:
+                t.update = True
 
     def _reference(self, name: str, batch: ScoreBatch, ref_rewards: dict[str, Tensor] | None) -> Tensor:
         if ref_rewards and name in ref_rewards:

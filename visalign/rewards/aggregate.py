@@ -15,8 +15,16 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
+from visalign.reductions import (
+    group_index,
+    group_stats,
+    mean_minus_var,
+    nan_median,
+    nan_min,
+    pareto_mask,
+    weighted_nansum,
+)
 from visalign.registry import Registry
-from visalign.train.advantages import group_index, group_stats
 
 __all__ = ["AGGREGATIONS", "Aggregated", "Aggregation", "build_aggregation", "list_aggregations", "pareto_mask"]
 
@@ -28,7 +36,7 @@ class Aggregated:
     Attributes:
         total: float ``[B]``, the combined reward (NaN only when no term applies to a sample).
         advantages: float ``[B]`` when the rule defines its own advantage (GDPO with groups), else None and the
-            caller derives advantages from ``total`` (``visalign.train.advantages``).
+            caller derives advantages from ``total`` (``visalign.rewards.advantages``).
         keep: bool ``[B]`` when the rule selects samples (Pareto: advantages outside it are set to 0), else None.
         extras: named tensors for logging.
     """
@@ -50,21 +58,6 @@ class Aggregation:
 
     def apply(self, rewards: Tensor, weights: Tensor, group_ids: Any) -> Aggregated:
         raise NotImplementedError(f"{type(self).__name__} must implement apply().")
-
-
-def weighted_nansum(rewards: Tensor, weights: Tensor) -> Tensor:
-    """Σ_m w_m·r_m over present terms, rescaled by Σ_all |w| / Σ_present |w| (NaN when none is present).
-
-    The rescale renormalises the weights over the terms that apply, keeping their total mass; when every
-    term is present it is exactly the plain weighted sum. Float ``[B, M]`` × ``[M]`` → ``[B]``.
-    """
-    present = ~torch.isnan(rewards)
-    terms = torch.where(present, rewards * weights, torch.zeros_like(rewards))
-    mass = weights.abs()
-    present_mass = (present * mass).sum(dim=1)
-    scale = mass.sum() / present_mass.clamp(min=torch.finfo(rewards.dtype).tiny)
-    total = terms.sum(dim=1) * scale
-    return torch.where(present_mass > 0, total, torch.full_like(total, float("nan")))
 
 
 @dataclass
@@ -101,7 +94,7 @@ class Median(Aggregation):
     kind: ClassVar[str] = "median"
 
     def apply(self, rewards: Tensor, weights: Tensor, group_ids: Any) -> Aggregated:
-        return Aggregated(total=_nan_median(_drop_zero_weight(rewards, weights)))
+        return Aggregated(total=nan_median(_drop_zero_weight(rewards, weights)))
 
 
 @dataclass
@@ -111,10 +104,7 @@ class WorstCase(Aggregation):
     kind: ClassVar[str] = "worst-case"
 
     def apply(self, rewards: Tensor, weights: Tensor, group_ids: Any) -> Aggregated:
-        r = _drop_zero_weight(rewards, weights)
-        present = ~torch.isnan(r)
-        total = torch.where(present, r, torch.full_like(r, float("inf"))).min(dim=1).values
-        return Aggregated(total=torch.where(present.any(dim=1), total, torch.full_like(total, float("nan"))))
+        return Aggregated(total=nan_min(_drop_zero_weight(rewards, weights)))
 
 
 @dataclass
@@ -135,10 +125,8 @@ class MeanMinusVar(Aggregation):
             raise ValueError(f"mean-minus-var needs lam >= 0; got {self.lam}.")
 
     def apply(self, rewards: Tensor, weights: Tensor, group_ids: Any) -> Aggregated:
-        r = _drop_zero_weight(rewards, weights)
-        mean = r.nanmean(dim=1)
-        var = ((r - mean[:, None]) ** 2).nanmean(dim=1)
-        return Aggregated(total=mean - self.lam * var, extras={"variance": var.detach()})
+        total, var = mean_minus_var(_drop_zero_weight(rewards, weights), self.lam)
+        return Aggregated(total=total, extras={"variance": var.detach()})
 
 
 @dataclass
@@ -194,30 +182,8 @@ class Pareto(Aggregation):
                           extras={"pareto_fraction": keep.float().mean()})
 
 
-def pareto_mask(rewards: Tensor) -> Tensor:
-    """Non-dominated mask of ``rewards [N, M]`` (higher is better on every column; NaN is worst), bool ``[N]``.
-
-    O(N²·M), fine for a batch. Columns that are all zero (a zero-weight term after sign scaling) never decide.
-    """
-    r = torch.where(torch.isnan(rewards), torch.full_like(rewards, -float("inf")), rewards)
-    geq = (r[:, None, :] >= r[None, :, :]).all(dim=2)  # geq[j, i]: j ≥ i everywhere
-    gt = (r[:, None, :] > r[None, :, :]).any(dim=2)
-    dominated = (geq & gt).any(dim=0)
-    return ~dominated
-
-
 def _drop_zero_weight(rewards: Tensor, weights: Tensor) -> Tensor:
     return rewards[:, weights != 0]
-
-
-def _nan_median(r: Tensor) -> Tensor:
-    # torch.nanmedian returns the lower middle value for an even count; sort (NaN sorts last) gives both.
-    sorted_r = r.sort(dim=1).values
-    count = (~torch.isnan(r)).sum(dim=1)
-    lo = ((count - 1).clamp(min=0) // 2)[:, None]
-    hi = (count // 2).clamp(max=r.shape[1] - 1)[:, None]
-    med = (sorted_r.gather(1, lo) + sorted_r.gather(1, hi))[:, 0] / 2
-    return torch.where(count > 0, med, torch.full_like(med, float("nan")))
 
 
 def _check(rewards: Tensor, weights: Tensor | None, kind: str) -> tuple[Tensor, Tensor]:
@@ -241,6 +207,10 @@ AGGREGATIONS: Registry[type[Aggregation]] = Registry("aggregation", {
                                                        Gdpo, Pareto)
 })
 AGGREGATIONS.add_builtin("min", f"{__name__}:WorstCase")  # the ensemble spelling of WCO
+# The two multi-reward modes under the names TRL gives them: sum the weighted terms and normalise the total within
+# each prompt group (the default), or normalise each term within its group first and then sum (GDPO).
+AGGREGATIONS.add_builtin("sum_then_normalize", f"{__name__}:WeightedSum")
+AGGREGATIONS.add_builtin("normalize_then_sum", f"{__name__}:Gdpo")
 
 
 def list_aggregations() -> list[str]:

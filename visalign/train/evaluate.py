@@ -1,0 +1,88 @@
+"""The engine's evaluation hook: fixed-seed samples of held-out prompts, scored by held-out scorers and by the
+training proxy, so the two curves can be compared (docs/methods.md#hacking-diagnostics, proxy vs gold).
+
+Eval prompts are a ``.txt`` or a ``.jsonl``/``.csv`` table; a table's ``reference`` column (an image path, relative
+to the table) becomes ``ScoreBatch.references`` for reference-based scorers (CLIP-I, λ-Harmonic: RPO's validation
+reward), and its other columns reach the scorers as metadata.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from visalign.media import load_image, resize_to
+from visalign.scorers import ScoreBatch
+from visalign.train.config import TrainConfig
+from visalign.train.prompts import read_prompt_table
+
+
+class Evaluator:
+    """Samples the eval prompts with the eval sampler and scores them.
+
+    Args:
+        config: the run's config (``eval`` and the sampler settings of ``sample``).
+        reward: the training reward (the proxy), or None.
+        eval_reward: the held-out reward; the proxy itself when ``eval.scorers`` is empty.
+    """
+
+    def __init__(self, config: TrainConfig, reward: Any, eval_reward: Any) -> None:
+        self.config = config
+        self.reward, self.eval_reward = reward, eval_reward
+        e = config.eval
+        self.prompts: list[str] = []
+        self.metadata: list[dict[str, Any]] = []
+        if e.prompts:
+            prompts, metadata = read_prompt_table(e.prompts)
+            self.prompts, self.metadata = prompts[: e.max_prompts], metadata[: e.max_prompts]
+            if self.eval_reward is None:
+                raise ValueError("eval.prompts is set but there is nothing to score them with: give eval.scorers "
+                                 "(the run has no training reward).")
+        self.reference_paths = self._reference_paths(e.prompts) if self.prompts else None
+
+    def _reference_paths(self, table: str) -> list[Path] | None:
+        rows = [m.get("reference") for m in self.metadata]
+        if not any(rows):
+            return None
+        if not all(rows):
+            raise ValueError(f"{table}: some rows have a 'reference' image and some do not; give every eval prompt "
+                             "one, or none.")
+        base = Path(table).resolve().parent
+        return [p if (p := Path(str(r))).is_absolute() else base / p for r in rows]
+
+    @property
+    def active(self) -> bool:
+        return bool(self.prompts)
+
+    def references(self, size: tuple[int, int]) -> Tensor | None:
+        """The eval prompts' reference images resized to ``size``, float ``[B, 3, H, W]`` in [0, 1], or None."""
+        if self.reference_paths is None:
+            return None
+        return torch.stack([resize_to(load_image(p)[None], size)[0] for p in self.reference_paths])
+
+    def __call__(self, adapter: Any) -> tuple[dict[str, float], Tensor]:
+        """Sample and score once (under whatever weights the caller has swapped in).
+
+        Returns:
+            ``(metrics, media)``: ``eval/reward...`` of the held-out scorers and, with separate eval scorers and a
+            training reward, ``eval/proxy/reward...``; the eval samples ``[B, ...]`` for the grid.
+        """
+        e, s = self.config.eval, self.config.sample
+        res = self.config.model.resolution
+        rollout = adapter.rollout(self.prompts, images_per_prompt=1, steps=e.steps or s.steps, guidance=s.guidance,
+                                  eta=e.eta, seed=e.seed, negative_prompt=s.negative_prompt, height=res, width=res)
+        refs = self.references(tuple(rollout.media.shape[-2:]))
+        batch = ScoreBatch(prompts=rollout.prompts, media=rollout.media,
+                           references=None if refs is None else refs.to(rollout.media),
+                           metadata=self.metadata if any(self.metadata) else None)
+        with self.eval_reward.frozen_transforms():  # eval samples must not move running reward statistics
+            held_out = self.eval_reward(batch)
+        metrics = {f"eval/{k}": v for k, v in held_out.metrics().items() if k.startswith("reward")}
+        if self.reward is not None and self.eval_reward is not self.reward:
+            with self.reward.frozen_transforms():
+                proxy = self.reward(batch)
+            metrics.update({f"eval/proxy/{k}": v for k, v in proxy.metrics().items() if k.startswith("reward")})
+        return metrics, rollout.media
