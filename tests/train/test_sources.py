@@ -142,3 +142,12 @@ def test_an_unknown_early_stop_metric_names_the_known_ones(tiny_sd, tmp_path):
                                              "eval.early_stop_metric=eval/nope"])
     with pytest.raises(RuntimeError, match="eval/reward"):
         Trainer(config).run(resume=False)
+
+
+def test_help_config_lists_each_objectives_typed_params():
+    from visalign.commands.train import objective_param_lines
+
+    text = "\n".join(objective_param_lines())
+    dpo = text.split("objective.name=diffusion-dpo", 1)[1].split("objective.name=", 1)[0]
+    assert "consumes PairBatch" in dpo and "objective.params.beta = 5000.0" in dpo and "sft_weight" in dpo
+    assert "objective.params.clip_range" in text.split("objective.name=grpo", 1)[1].split("objective.name=", 1)[0]

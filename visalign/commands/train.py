@@ -31,7 +31,7 @@ def run(args: argparse.Namespace) -> int:
     from visalign.train.config import TrainConfig, load_train_config
 
     if args.help_config:
-        print("\n".join(help_lines(TrainConfig)))
+        print("\n".join(help_lines(TrainConfig) + objective_param_lines()))
         return 0
     if not args.recipe:
         print("visalign train: give a recipe, e.g. visalign train pipelines/tiny-sd-grpo.yaml", file=sys.stderr)
@@ -82,3 +82,18 @@ def _recipe_path(name: str) -> str:
 
     shipped = package_data_dir("visalign.recipes", "pipelines") / (name if name.endswith(".yaml") else name + ".yaml")
     return str(shipped) if shipped.exists() else name
+
+
+def objective_param_lines() -> list[str]:
+    """``objective.params`` of every built-in objective, typed by its Params dataclass (for ``--help-config``)."""
+    from visalign.config import help_lines
+    from visalign.objectives.base import OBJECTIVES
+
+    lines = []
+    for name in OBJECTIVES.list():
+        cls = OBJECTIVES.get(name)
+        needs = ", ".join(sorted(cls.needs)) or "nothing"
+        lines.append(f"objective.params when objective.name={name}  (consumes {cls.consumes.__name__}, needs {needs}, "
+                     f"default source {cls.default_source}):")
+        lines.extend(help_lines(cls.Params, "  objective.params."))
+    return lines

@@ -13,11 +13,13 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from visalign.generators.base import GeneratorAdapter, Rollout
+from visalign.objectives.base import Objective
 
 
 def within_group_pairs(group_ids: Tensor, weights: Tensor | None = None) -> tuple[Tensor, Tensor]:
@@ -145,6 +147,24 @@ class ReferenceModel:
     def load_state_tensors(self, tensors: dict[str, Tensor], adapter: GeneratorAdapter) -> None:
         frozen = {k.removeprefix("frozen."): t for k, t in tensors.items() if k.startswith("frozen.")}
         self.frozen = FrozenWeights(adapter.denoiser, frozen) if frozen else None
+
+
+class PreferenceObjective(Objective):
+    """Base of the objectives that compare the policy with a frozen reference (Diffusion-DPO, RPO, DRAGON): the
+    reference (``params.reference``: ``base`` or ``old``) is built once, and a full fine-tune's frozen copy of it
+    travels in checkpoints."""
+
+    needs = frozenset({"reference"})
+
+    def __init__(self, params: dict[str, Any] | None = None) -> None:
+        super().__init__(params)
+        self.reference = ReferenceModel(self.params.reference)
+
+    def state_tensors(self) -> dict[str, Tensor]:
+        return self.reference.state_tensors()
+
+    def load_state_tensors(self, tensors: dict[str, Tensor], adapter: GeneratorAdapter) -> None:
+        self.reference.load_state_tensors(tensors, adapter)
 
 
 class FrozenWeights:

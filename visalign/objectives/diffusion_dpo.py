@@ -23,8 +23,8 @@ import torch
 from torch import Tensor
 
 from visalign.generators.base import GeneratorAdapter
-from visalign.objectives.base import MetricMeans, Objective, PairBatch, UpdateContext, micro_batches
-from visalign.objectives.common import ReferenceModel
+from visalign.objectives.base import MetricMeans, PairBatch, UpdateContext, micro_batches
+from visalign.objectives.common import PreferenceObjective, ReferenceModel
 
 REFERENCES = ("base", "old")
 
@@ -101,24 +101,13 @@ def pair_losses(adapter: GeneratorAdapter, batch: PairBatch, ref: PairReference,
     return model_w.loss, model_l.loss
 
 
-class DiffusionDpoObjective(Objective):
+class DiffusionDpoObjective(PreferenceObjective):
     """Diffusion-DPO (``objective.name: diffusion-dpo``), on offline pairs by default."""
 
     name = "diffusion-dpo"
     Params = DiffusionDpoParams
     consumes = PairBatch
-    needs = frozenset({"reference"})
     default_source = "pairs"
-
-    def __init__(self, params: dict | None = None) -> None:
-        super().__init__(params)
-        self.reference = ReferenceModel(self.params.reference)
-
-    def state_tensors(self) -> dict[str, Tensor]:
-        return self.reference.state_tensors()
-
-    def load_state_tensors(self, tensors: dict[str, Tensor], adapter: GeneratorAdapter) -> None:
-        self.reference.load_state_tensors(tensors, adapter)
 
     def update(self, batch: PairBatch, ctx: UpdateContext) -> dict[str, float]:
         if len(batch) == 0:

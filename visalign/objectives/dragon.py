@@ -29,10 +29,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from visalign.generators.base import GeneratorAdapter
-from visalign.objectives.base import MetricMeans, Objective, OnlineBatch, UpdateContext, micro_batches
+from visalign.objectives.base import MetricMeans, OnlineBatch, UpdateContext, micro_batches
 from visalign.objectives.batches import best_worst_pairs, online_pairs
-from visalign.objectives.common import ReferenceModel, denoising_loss, diffusion_kto_loss, kto_reference_point
+from visalign.objectives.common import PreferenceObjective, denoising_loss, diffusion_kto_loss, kto_reference_point
 from visalign.objectives.diffusion_dpo import DiffusionDpoObjective
 
 __all__ = ["DragonObjective", "DragonParams", "best_worst_pairs", "median_split"]
@@ -82,18 +81,15 @@ def median_split(rewards: Tensor, weights: Tensor) -> tuple[Tensor, Tensor]:
     return index, live > live.median()
 
 
-class DragonObjective(Objective):
+class DragonObjective(PreferenceObjective):
     """DRAGON with Diffusion-DPO (paired) or Diffusion-KTO (unpaired) surrogates (``objective.name: dragon``)."""
 
     name = "dragon"
     Params = DragonParams
 
-    needs = frozenset({"reference"})
-
     def __init__(self, params: dict | None = None) -> None:
         super().__init__(params)
         p: DragonParams = self.params
-        self.reference = ReferenceModel(p.reference)
         # Paired mode is Diffusion-DPO on the rollout's best-vs-worst pairs: the same objective that trains on
         # offline pairs, sharing this objective's reference (and so its frozen copy of a full fine-tune).
         self._dpo = DiffusionDpoObjective({"beta": p.beta, "reference": p.reference, "inner_steps": p.inner_steps,
@@ -109,12 +105,6 @@ class DragonObjective(Objective):
         if not desirable.any():
             return {"positives": 0.0}
         return self._unpaired(batch, ctx, index, desirable)
-
-    def state_tensors(self) -> dict[str, Tensor]:
-        return self.reference.state_tensors()
-
-    def load_state_tensors(self, tensors: dict[str, Tensor], adapter: GeneratorAdapter) -> None:
-        self.reference.load_state_tensors(tensors, adapter)
 
     def _unpaired(self, batch: OnlineBatch, ctx: UpdateContext, index: Tensor, desirable: Tensor) -> dict[str, float]:
         p: DragonParams = self.params

@@ -23,9 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from visalign.generators.base import GeneratorAdapter
-from visalign.objectives.base import MetricMeans, Objective, PairBatch, UpdateContext, micro_batches
-from visalign.objectives.common import ReferenceModel
+from visalign.objectives.base import MetricMeans, PairBatch, UpdateContext, micro_batches
+from visalign.objectives.common import PreferenceObjective
 from visalign.objectives.diffusion_dpo import REFERENCES, pair_losses, pair_reference
 
 
@@ -54,24 +53,13 @@ def rpo_preference_loss(delta: Tensor, labels: Tensor, beta: float) -> Tensor:
     return -(labels * F.logsigmoid(beta * delta) + (1 - labels) * F.logsigmoid(-beta * delta))
 
 
-class RpoHarmonicObjective(Objective):
+class RpoHarmonicObjective(PreferenceObjective):
     """λ-Harmonic RPO (``objective.name: rpo-harmonic``) on reference-vs-generated pairs."""
 
     name = "rpo-harmonic"
     Params = RpoHarmonicParams
     consumes = PairBatch
-    needs = frozenset({"reference"})
     default_source = "pairs"
-
-    def __init__(self, params: dict | None = None) -> None:
-        super().__init__(params)
-        self.reference = ReferenceModel(self.params.reference)
-
-    def state_tensors(self) -> dict[str, Tensor]:
-        return self.reference.state_tensors()
-
-    def load_state_tensors(self, tensors: dict[str, Tensor], adapter: GeneratorAdapter) -> None:
-        self.reference.load_state_tensors(tensors, adapter)
 
     def update(self, batch: PairBatch, ctx: UpdateContext) -> dict[str, float]:
         if len(batch) == 0:
