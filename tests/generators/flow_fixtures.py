@@ -216,16 +216,6 @@ def build_cogvideox(folder: Path) -> Path:
     return out
 
 
-def stock_call(gen, prompts: list[str], steps: int, guidance: float, seeds: list[int], seq_len: int, **size):
-    """The stock diffusers call an adapter must reproduce at noise level 0: output ``[B, 3, H, W]`` (images) or
-    ``[B, T, 3, H, W]`` (videos) in [0, 1], one CPU generator per sample."""
-    pipe = gen.pipeline
-    pipe.set_progress_bar_config(disable=True)
-    out = pipe(prompts, num_inference_steps=steps, guidance_scale=guidance, max_sequence_length=seq_len,
-               generator=[torch.Generator().manual_seed(s) for s in seeds], output_type="pt", **size)
-    return out.frames if hasattr(out, "frames") else out.images
-
-
 @pytest.fixture(scope="session")
 def flow_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One session folder shared by every tiny flow/CogVideoX pipeline."""

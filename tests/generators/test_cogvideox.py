@@ -26,23 +26,18 @@ def _load(flow_dir):
     return gen
 
 
-def _stock(gen, steps, guidance, seeds):
-    return flow_fixtures.stock_call(gen, PROMPTS, steps, guidance, seeds, SEQ_LEN, **SIZE)
-
-
 @pytest.fixture(scope="module")
 def cog(flow_dir):
     return _load(flow_dir)
 
 
-def test_rollout_log_probs_and_ratio_one(cog):
+def test_terminal_step_is_deterministic_and_excluded(cog):
     r = cog.rollout(PROMPTS, steps=4, guidance=6.0, eta=1.0, seed=3, **SIZE)
     assert r.media.shape == (2, 9, 3, 16, 16) and r.media.min() >= 0 and r.media.max() <= 1
     assert r.latents.shape == (2, 5, 3, 4, 2, 2)  # [B, S+1, F', C, h, w]
     trainable = select_train_steps(r.num_steps, window=(0, r.num_steps - 1))
     assert torch.isfinite(r.log_probs[:, trainable]).all()
     assert torch.isnan(r.log_probs[:, -1]).all()  # ᾱ_prev = 1: zero variance, no density
-    assert (torch.exp(cog.step_log_prob(r, trainable) - r.log_probs[:, trainable]) - 1).abs().max() < 1e-4
 
 
 def test_step_matches_hand_written_v_prediction_ddim(cog):
@@ -63,25 +58,3 @@ def test_step_matches_hand_written_v_prediction_ddim(cog):
     torch.testing.assert_close(out.mean.detach(), mu, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(out.std.flatten()[0], std, rtol=1e-5, atol=1e-7)
 
-
-def test_eta_zero_reproduces_stock_cogvideox(cog):
-    ours = cog.rollout(PROMPTS, steps=3, guidance=6.0, eta=0.0, seed=8, **SIZE)
-    stock = _stock(cog, 3, 6.0, [8, 9])
-    assert stock.shape == ours.media.shape
-    assert (ours.media - stock).abs().max() < 1e-4
-
-
-def test_lora_gradients_and_stock_round_trip(flow_dir, tmp_path):
-    gen = _load(flow_dir)
-    params = gen.add_lora()
-    r = gen.rollout(PROMPTS, steps=3, guidance=6.0, eta=1.0, seed=0, **SIZE)
-    loss = -(torch.tensor([1.0, -1.0])[:, None] * gen.step_log_prob(r, [0, 1])).mean()
-    loss.backward()
-    assert any(p.grad.abs().sum() > 0 for n, p in gen.denoiser.named_parameters() if "lora_B" in n)
-    assert all(p.grad is None for m in gen.modules().values() for n, p in m.named_parameters() if "lora_" not in n)
-    torch.optim.Adam(params, lr=0.05).step()
-    ours = gen.rollout(PROMPTS, steps=2, guidance=6.0, eta=0.0, seed=5, **SIZE).media
-    out = gen.save(tmp_path / "lora")
-    stock = _load(flow_dir)
-    stock.pipeline.load_lora_weights(str(out))
-    assert (_stock(stock, 2, 6.0, [5, 6]) - ours).abs().max() < 1e-4

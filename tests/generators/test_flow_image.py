@@ -1,8 +1,8 @@
 """SD3 and FLUX adapters on tiny random-init pipelines loaded through ``from_pretrained`` (no network).
 
-Checks the generator contract (DESIGN.md, Generators) for the flow-matching image families: media in [0, 1] with the
-right shape, finite log-probs, importance ratio 1 on-policy, parity with the stock diffusers pipeline at noise level 0,
-LoRA gradients and a LoRA that stock diffusers loads and samples identically.
+What is particular to the flow-matching image families: media and latent shapes, per-sample seeds, the one-step x0
+estimate of the last Euler step, SDE windows and denoising reduction, bf16 replay, bad input. Ratio 1, stock parity
+and the LoRA round trip are checked for every family in test_contract.py.
 """
 
 from __future__ import annotations
@@ -33,10 +33,6 @@ def _load(name, flow_dir):
     return gen
 
 
-def _stock(gen, steps, guidance, seeds):
-    return flow_fixtures.stock_call(gen, PROMPTS, steps, guidance, seeds, SEQ_LEN, **SIZE)
-
-
 @pytest.fixture(scope="module", params=["sd3", "flux"])
 def family(request, flow_dir):
     return request.param, _load(request.param, flow_dir)
@@ -55,27 +51,10 @@ def test_rollout_shapes_range_and_finite_log_probs(family):
     torch.testing.assert_close(alone.latents[0], r.latents[2], rtol=0, atol=1e-5)
 
 
-def test_recomputed_log_prob_gives_ratio_one(family):
-    name, gen = family
-    r = gen.rollout(PROMPTS, steps=3, guidance=4.0, eta=0.7, seed=0, **SIZE)
-    steps = select_train_steps(r.num_steps)
-    for reduction, stored in (("mean", r.log_probs), ("sum", r.log_probs_sum)):
-        recomputed = gen.step_log_prob(r, steps, reduction=reduction)
-        ratio = torch.exp(recomputed - stored)
-        assert (ratio - 1).abs().max() < 1e-4, (name, reduction, ratio)
-    # A different x_{t'} must score differently, or the equality above would prove nothing.
-    moved = r.select([0, 1])
-    moved.latents = r.latents.clone()
-    moved.latents[:, 1] += 0.05
-    assert (gen.step_log_prob(moved, [0]) - r.log_probs[:, :1]).abs().min() > 1e-3
 
-
-def test_noise_level_zero_reproduces_stock_pipeline(family):
+def test_last_euler_step_lands_on_the_x0_estimate(family):
     name, gen = family
     ours = gen.rollout(PROMPTS, steps=4, guidance=3.5, eta=0.0, seed=11, **SIZE)
-    stock = _stock(gen, 4, 3.5, [11, 12])
-    assert (ours.media - stock).abs().max() < 1e-4
-    assert torch.isnan(ours.log_probs).all()  # deterministic steps carry no density
     # The one-step x0 estimate (ReFL decodes it): the last Euler step goes to σ = 0, so it lands exactly on x0.
     last = gen.recompute_step(ours, ours.num_steps - 1)
     torch.testing.assert_close(last.x0, ours.latents[:, -1].float(), atol=1e-5, rtol=0)
@@ -99,41 +78,6 @@ def test_sde_window_and_denoising_reduction(family):
     assert short.schedule["sigmas"].shape == (3,) and ode.schedule["sigmas"].shape == (5,)
     assert (gen.step_log_prob(short, [0, 1]) - short.log_probs).abs().max() < 1e-4
 
-
-def test_lora_gradients_and_stock_diffusers_round_trip(family, flow_dir, tmp_path):
-    name, _ = family
-    gen = _load(name, flow_dir)
-    params = gen.add_lora()
-    named = dict(gen.denoiser.named_parameters())
-    trainable = {n for n, p in named.items() if p.requires_grad}
-    assert trainable and all("lora_" in n for n in trainable)
-    assert not any(p.requires_grad for m in gen.modules().values() if m is not gen.denoiser for p in m.parameters())
-    optimizer = torch.optim.Adam(params, lr=0.05)  # Adam: a visible change whatever the grad scale
-    for step in range(2):  # a few training steps so the saved LoRA is not the identity
-        r = gen.rollout(PROMPTS, steps=2, guidance=4.0, eta=0.7, seed=step, **SIZE)
-        loss = -(torch.tensor([1.0, -1.0])[:, None] * gen.step_log_prob(r, [0, 1])).mean()
-        optimizer.zero_grad()
-        loss.backward()
-        lora_b = [p for n, p in gen.denoiser.named_parameters() if "lora_B" in n]
-        assert all(p.grad is not None for p in params) and any(p.grad.abs().sum() > 0 for p in lora_b)
-        optimizer.step()
-    assert all(p.grad is None for n, p in named.items() if "lora_" not in n)
-
-    ours = gen.rollout(PROMPTS, steps=3, guidance=3.5, eta=0.0, seed=21, **SIZE).media
-    out = gen.save(tmp_path / "lora")
-    assert (out / "pytorch_lora_weights.safetensors").is_file()
-
-    stock = _load(name, flow_dir)
-    base = _stock(stock, 3, 3.5, [21, 22])
-    stock.pipeline.load_lora_weights(str(out))
-    with_lora = _stock(stock, 3, 3.5, [21, 22])
-    assert (with_lora - ours).abs().max() < 1e-4
-    assert (base - ours).abs().max() > 1e-3  # the LoRA really changed the sample
-
-    reloaded = load_generator(BUILDERS[name](flow_dir), lora=out)
-    reloaded.max_sequence_length = SEQ_LEN
-    again = reloaded.rollout(PROMPTS, steps=3, guidance=3.5, eta=0.0, seed=21, **SIZE).media
-    assert (again - ours).abs().max() < 1e-4
 
 
 def test_bad_inputs_raise_clear_errors(flow_dir):

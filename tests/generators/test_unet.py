@@ -50,13 +50,6 @@ def test_rollout_shapes_ranges_and_bookkeeping(rollout):
     assert rollout.condition.negative_embeds is not None  # CFG on: the unconditional branch is kept for replay
 
 
-def test_recomputed_log_prob_of_every_step_equals_rollout(sd, rollout):
-    steps = list(range(rollout.num_steps))
-    ratio = torch.exp(sd.step_log_prob(rollout, steps) - rollout.log_probs)
-    torch.testing.assert_close(ratio, torch.ones_like(ratio), atol=1e-4, rtol=0)
-    torch.testing.assert_close(sd.step_log_prob(rollout, steps, reduction="sum"), rollout.log_probs_sum,
-                               atol=1e-2, rtol=1e-5)
-
 
 def test_log_prob_is_not_constant_in_the_sample(sd, rollout):
     # Scoring a different x_{t'} must lower the density: a step_log_prob that ignored prev_sample would pass ratio 1.
@@ -70,12 +63,6 @@ def test_per_sample_seed_makes_samples_independent_of_batch(sd, rollout):
     alone = sd.rollout(["two blue circles"], steps=4, guidance=4.0, eta=1.0, seed=9)
     torch.testing.assert_close(alone.latents[0], rollout.latents[2], atol=1e-4, rtol=0)
 
-
-def test_eta_zero_reproduces_stock_pipeline(sd, stock):
-    ours = sd.rollout(PROMPTS, steps=3, guidance=5.0, eta=0.0, seed=3)
-    theirs = stock_images(stock, PROMPTS, ours.seeds, steps=3, guidance=5.0)
-    torch.testing.assert_close(ours.media, theirs, atol=1e-4, rtol=0)
-    assert torch.isnan(ours.log_probs).all()  # η = 0 has no density; NaN, never a made-up number
 
 
 def test_no_cfg_reproduces_stock_pipeline(sd, stock):
@@ -125,15 +112,6 @@ def test_training_changes_every_lora_parameter(trained_lora):
     _, _, changed = trained_lora
     assert changed and all(changed)
 
-
-def test_saved_lora_loads_into_stock_diffusers_and_matches(trained_lora, stock):
-    gen, lora_dir, _ = trained_lora
-    assert (lora_dir / "pytorch_lora_weights.safetensors").is_file()
-    ours = gen.rollout(PROMPTS, steps=2, guidance=3.0, eta=0.0, seed=5)
-    with_lora = stock_images(stock, PROMPTS, ours.seeds, 2, 3.0, lora_dir=lora_dir)
-    torch.testing.assert_close(ours.media, with_lora, atol=1e-4, rtol=0)
-    base = stock_images(stock, PROMPTS, ours.seeds, 2, 3.0)
-    assert (base - with_lora).abs().max() > 1e-3  # the LoRA does change the image, so the match above means something
 
 
 def test_visalign_load_reads_its_lora_back(trained_lora, sd_path, sd):
