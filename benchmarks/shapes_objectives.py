@@ -1,5 +1,5 @@
 """The shapes-world objective benchmark: every objective × reward × seed, aligned at a fixed budget and graded by
-the exact oracle (issue 6, scope item 5; METHODS §15, proxy vs gold).
+the exact oracle (issue 6, scope item 5; docs/methods.md#hacking-diagnostics, proxy vs gold).
 
     python benchmarks/shapes_objectives.py                                   # the full grid (hours of CPU)
     python benchmarks/shapes_objectives.py --resume                          # go on after a stop, cell by cell
@@ -153,7 +153,8 @@ def build_train_config(demo: Any, spec: dict[str, Any], align_file: Path, curve_
 
 class TotalReward:
     """The training reward's weighted total as a scorer-like callable for :func:`visalign.shapes.demo.evaluate`
-    (which reads ``.reward``): ``batch → object with reward [B] float32``. A class, not a closure (STYLE.md)."""
+    (which reads ``.reward``): ``batch → object with reward [B] float32``. A class, not a closure
+    (docs/extending.md#scorers-and-rewards)."""
 
     def __init__(self, spec: Any) -> None:
         self.spec = spec

@@ -1,4 +1,4 @@
-"""Per-prompt group advantages (METHODS §3) against hand-computed values."""
+"""Per-prompt group advantages (docs/methods.md#grpo) against hand-computed values."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The layering of the package (docs/architecture.md, "Import rules"), checked on the source: every ``import`` and
+"""The layering of the package (docs/architecture.md#layering), checked on the source: every ``import`` and
 ``from ... import`` anywhere in a module (top level or inside a function) counts, and so does a lazy registry entry
 (a ``"visalign.x.y:Name"`` string)."""
 

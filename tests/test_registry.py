@@ -68,7 +68,7 @@ def test_list_scorers_is_sorted_and_contains_cards():
 
 
 class MeanRed:
-    """A picklable reward class (not a closure), as STYLE.md asks."""
+    """A picklable reward class (not a closure), as docs/extending.md#scorers-and-rewards asks."""
 
     def __call__(self, media, prompts, **kwargs):
         return media[:, 0].mean(dim=(1, 2))

@@ -1,4 +1,4 @@
-"""The contract every registered scorer keeps (STYLE.md §2.9), parametrised over list_scorers().
+"""The contract every registered scorer keeps (docs/extending.md#tests), parametrised over list_scorers().
 
 Each scorer is built tiny and offline (tests/tiny); a new card is tested the day it is registered.
 """

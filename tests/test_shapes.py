@@ -204,7 +204,7 @@ def test_oracle_is_at_least_99_percent_right_on_ground_truth(size_px, n):
 
 @pytest.mark.parametrize(("size_px", "blur_px"), [(32, 1.0), (64, 2.0)])
 def test_oracle_survives_vae_like_blur(size_px, blur_px):
-    # Generated images are blurrier than renders (SHAPES-NOTES.md §3: template IoU capped VAE reconstructions
+    # Generated images are blurrier than renders (docs/shapes.md#generator: template IoU capped VAE reconstructions
     # at 95%); shape moments keep the oracle usable on them. Template IoU scored 63% on this test at 32 px.
     from scipy import ndimage
 

@@ -1,4 +1,4 @@
-"""Reward transforms against hand-computed values (METHODS §11); NaN always passes through."""
+"""Reward transforms against hand-computed values (docs/methods.md#transforms); NaN always passes through."""
 
 from __future__ import annotations
 

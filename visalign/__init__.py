@@ -1,6 +1,6 @@
 """visalign: align image and video generators with reward signals.
 
-Importing the package loads no model, no optional dependency and touches no network (STYLE.md §2.7);
+Importing the package loads no model, no optional dependency and touches no network (docs/extending.md#dependencies);
 everything heavy is imported on first use.
 """
 

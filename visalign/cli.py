@@ -1,4 +1,4 @@
-"""The ``visalign`` command: parse, build, call the library (STYLE.md §2.2: the CLI is thin).
+"""The ``visalign`` command: parse, build, call the library (docs/extending.md#files-and-names: the CLI is thin).
 
 Each sub-command lives in ``visalign/commands/<name>.py`` with ``add_parser(subparsers)`` and ``run(args)``;
 the table below maps names to those modules, so ``visalign --help`` imports nothing heavy.

@@ -1,6 +1,7 @@
 """Typed dataclass configs from YAML recipes and ``key.sub=value`` command-line overrides.
 
-One dataclass per config part, each field with ``metadata={"help": ...}`` naming its units (STYLE.md §2.4).
+One dataclass per config part, each field with ``metadata={"help": ...}`` naming its units
+(docs/extending.md#configuration).
 :func:`from_dict` builds nested dataclasses from plain data, refusing unknown keys with a "did you mean";
 :func:`apply_overrides` edits the plain data before it is built, so an override goes through the same checks.
 """

@@ -1,6 +1,6 @@
 """Every conversion of pixels from the outside world into visalign's canonical tensors, and back.
 
-Canonical forms (DESIGN.md, Canonical data): images are float RGB in [0, 1] shaped ``[B, 3, H, W]``;
+Canonical forms (docs/architecture.md#canonical-data): images are float RGB in [0, 1] shaped ``[B, 3, H, W]``;
 videos ``[B, T, 3, H, W]`` with frames in time order. Files, PIL images of any mode (L, LA, P, RGBA,
 CMYK, I;16, ...), numpy arrays, uint8 tensors, channels-last layouts and a VAE's [-1, 1] range are
 converted here and nowhere else.

@@ -1,7 +1,7 @@
 """Generic registries: a decorator, a lazy built-in table and errors that list what exists.
 
 Scorers, generator families, objectives, reward transforms and aggregations all use this one pattern
-(STYLE.md §2.5). A built-in entry is a ``"module:Object"`` string that is imported only when its id is
+(docs/extending.md#registries). A built-in entry is a ``"module:Object"`` string that is imported only when its id is
 first looked up, so ``import visalign`` loads nothing heavy and built-ins never depend on import order.
 """
 

@@ -41,7 +41,7 @@ def test_terminal_step_is_deterministic_and_excluded(cog):
 
 
 def test_step_matches_hand_written_v_prediction_ddim(cog):
-    """The policy mean at η = 1 is METHODS §1 with v-prediction, using the scheduler's own ᾱ."""
+    """The policy mean at η = 1 is docs/methods.md#ddim-logprob with v-prediction, using the scheduler's own ᾱ."""
     r = cog.rollout(PROMPTS[:1], steps=4, guidance=1.0, eta=1.0, seed=0, **SIZE)
     i = 1
     out = cog.recompute_step(r, i)

@@ -99,8 +99,9 @@ def test_bad_inputs_raise_clear_errors(flow_dir):
 
 
 def test_bf16_rollout_replays_exactly_and_checkpointing_keeps_gradients(flow_dir):
-    # bf16: the sampled latents are rounded to bf16 before they are scored (METHODS §2 "dtype round-trip"), so the
-    # replay sees the very same values and the ratio stays 1 although the step arithmetic runs in fp32.
+    # bf16: the sampled latents are rounded to bf16 before they are scored (docs/methods.md#flow-sde "dtype
+    # round-trip"), so the replay sees the very same values and the ratio stays 1 although the step arithmetic runs in
+    # fp32.
     gen = load_generator(build_sd3(flow_dir), dtype="bf16")
     gen.max_sequence_length = SEQ_LEN
     gen.add_lora()

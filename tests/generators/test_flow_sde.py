@@ -1,4 +1,4 @@
-"""Unit tests for the pure flow-matching SDE step (visalign.generators.flow_sde, METHODS.md §2)."""
+"""Unit tests for the pure flow-matching SDE step (visalign.generators.flow_sde, docs/methods.md#flow-sde)."""
 
 from __future__ import annotations
 
@@ -41,7 +41,7 @@ def test_samples_have_mean_mu_and_variance_std_squared(mode):
     # Standard error of the mean is std/sqrt(n); 5 SE is far beyond chance but catches a wrong mu.
     assert (emp_mean - out.mean[0]).abs().max() < 5 * std / math.sqrt(n)
     assert ((emp_var / std**2) - 1).abs().max() < 0.06
-    # E[logp_elem] = −0.5 − log std − 0.5·log 2π (METHODS.md §1 statistical test).
+    # E[logp_elem] = −0.5 − log std − 0.5·log 2π (docs/methods.md#ddim-logprob statistical test).
     expected = -0.5 - math.log(std) - 0.5 * math.log(2 * math.pi)
     assert abs(out.logp_mean.mean().item() - expected) < 0.02
 

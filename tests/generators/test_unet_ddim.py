@@ -1,4 +1,5 @@
-"""The pure DDIM step with log-prob against diffusers' DDIMScheduler and against its own Gaussian (METHODS.md §1)."""
+"""The pure DDIM step with log-prob against diffusers' DDIMScheduler and against its own Gaussian
+(docs/methods.md#ddim-logprob)."""
 
 from __future__ import annotations
 
@@ -55,7 +56,7 @@ def test_samples_follow_the_gaussian_whose_density_it_reports():
     std = out.std.flatten()[0]
     torch.testing.assert_close(out.prev_sample.mean(0), out.mean[0], atol=4 * std.item() / math.sqrt(4000), rtol=0)
     torch.testing.assert_close(out.prev_sample.var(0).mean(), std**2, rtol=0.03, atol=0)
-    # E[logp_elem] = −0.5 − log std − 0.5·log 2π  (METHODS.md §1, statistical test)
+    # E[logp_elem] = −0.5 − log std − 0.5·log 2π  (docs/methods.md#ddim-logprob, statistical test)
     expected = -0.5 - torch.log(std) - 0.5 * math.log(2 * math.pi)
     torch.testing.assert_close(out.log_prob_mean.mean(), expected, atol=0.01, rtol=0)
     assert out.log_prob_sum.shape == (4000,)

@@ -66,8 +66,8 @@ def test_kto_loss_matches_hand_computation():
 
 
 def test_kto_micro_batch_uses_the_whole_batch_reference_point():
-    """With micro-batches, z0 is the whole batch's (METHODS §5), passed in: the first half alone has mean g 0.05
-    (z0 0.05), the whole batch 0.0 (clamped), and the loss must be the one at z0 = 0."""
+    """With micro-batches, z0 is the whole batch's (docs/methods.md#dragon), passed in: the first half alone has mean g
+    0.05 (z0 0.05), the whole batch 0.0 (clamped), and the loss must be the one at z0 = 0."""
     model = torch.tensor([0.2, 0.5, 0.8, 0.9], dtype=torch.float64)
     ref = torch.tensor([0.4, 0.4, 0.5, 0.5], dtype=torch.float64)
     desirable = torch.tensor([True, False, True, False])

@@ -1,4 +1,4 @@
-"""GRPO / DDPO on a tiny SD pipeline with LoRA: the on-policy identities of METHODS.md §3.
+"""GRPO / DDPO on a tiny SD pipeline with LoRA: the on-policy identities of docs/methods.md#grpo.
 
 - first inner step: ratio = 1, and the PPO-clip gradient equals the plain policy-gradient estimate −mean(A·∇logp);
 - once the policy moves (several inner epochs and micro-batches, a small clip range) some ratios are clipped;

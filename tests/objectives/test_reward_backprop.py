@@ -1,6 +1,6 @@
-"""Reward backprop (DRaFT-K, AlignProp, ReFL; METHODS.md §7): the re-run tail replays the rollout, its gradient is
-the sampler's true derivative (finite differences), gradient confinement per mode, and the Trainer raises the
-reward with it."""
+"""Reward backprop (DRaFT-K, AlignProp, ReFL; docs/methods.md#reward-backprop): the re-run tail replays the rollout,
+its gradient is the sampler's true derivative (finite differences), gradient confinement per mode, and the Trainer
+raises the reward with it."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Plain-callable rewards for the training tests, named by import path in recipes (``tests.train.scorers:X``).
 
-Callable classes rather than closures so they stay picklable (STYLE.md §2.6).
+Callable classes rather than closures so they stay picklable (docs/extending.md#scorers-and-rewards).
 """
 
 from __future__ import annotations

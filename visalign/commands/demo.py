@@ -1,6 +1,6 @@
 """``visalign demo``: align the shipped shapes-world model with a learned proxy reward and write a report.
 
-Thin by design (STYLE.md §2.2): flags map onto :class:`visalign.shapes.demo.DemoConfig`, and
+Thin by design (docs/extending.md#files-and-names): flags map onto :class:`visalign.shapes.demo.DemoConfig`, and
 :func:`visalign.shapes.demo.run_demo` does the work.
 """
 

@@ -1,6 +1,7 @@
 """``visalign sample``: generate media from a (fine-tuned) generator, with a grid and the seed of every file.
 
-Thin by design (STYLE.md §2.2): parse, :func:`visalign.generators.load_generator`, ``rollout``, write files.
+Thin by design (docs/extending.md#files-and-names): parse, :func:`visalign.generators.load_generator`, ``rollout``,
+write files.
 """
 
 from __future__ import annotations

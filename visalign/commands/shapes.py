@@ -1,7 +1,8 @@
 """``visalign shapes build``: train the shapes world's shipped models on CPU, or ``--check`` the shipped ones.
 ``visalign shapes eval``: grade a pipeline folder (and a LoRA on it) with the exact oracle, GenEval-style.
 
-Thin by design (STYLE.md §2.2): parse, then call :mod:`visalign.shapes.build_t2i`, :mod:`visalign.shapes.build_t2v`,
+Thin by design (docs/extending.md#files-and-names): parse, then call :mod:`visalign.shapes.build_t2i`,
+:mod:`visalign.shapes.build_t2v`,
 :mod:`visalign.shapes.check` and :mod:`visalign.shapes.evaluate`. Every build is seeded; ``--minutes`` caps the
 denoiser's training time.
 """

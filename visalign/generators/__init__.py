@@ -5,8 +5,8 @@
 True
 
 The registry maps a diffusers pipeline class name (``model_index.json``'s ``_class_name``) to the adapter that
-serves it, as a lazy ``"module:Class"`` string (STYLE.md §2.5): importing this package loads no diffusers model
-code. :func:`load_generator` reads the class name from a local folder or the hub and picks the adapter.
+serves it, as a lazy ``"module:Class"`` string (docs/extending.md#registries): importing this package loads no
+diffusers model code. :func:`load_generator` reads the class name from a local folder or the hub and picks the adapter.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """The generator contract: one adapter interface over diffusers pipelines, with exact per-step log-probs.
 
 Every online objective (DDPO/GRPO, PRDP, DRAGON, ...) needs the same two things from a generator
-(DESIGN.md, Generators; METHODS.md §1–§3):
+(docs/architecture.md#generators; docs/methods.md#ddim-logprob to #grpo):
 
 1. ``rollout``: sample a batch together with its denoising trajectory and the log-probability of every
    stochastic transition under the sampling policy (the *guided* sampler when CFG is on);
@@ -14,7 +14,7 @@ sampling loop, per-sample seeding, classifier-free guidance, training-step subse
 DRAGON, RAFT), LoRA via peft, gradient checkpointing, attention back-end choice and diffusers-compatible save/load
 from this file.
 
-Log-prob convention (METHODS.md, "Log-prob reduction convention"): ``log_probs`` holds ``logp_mean`` (the per-element
+Log-prob convention (docs/methods.md#notation, log-prob reduction): ``log_probs`` holds ``logp_mean`` (the per-element
 Gaussian log-density averaged over all non-batch dims, as ddpo-pytorch and flow_grpo report it) and
 ``log_probs_sum`` the true log-density (``D · logp_mean``). Never mix the two within one run.
 """
@@ -275,7 +275,8 @@ class GeneratorAdapter:
     def denoising_loss(self, latents: Tensor, condition: Condition, *,
                        timesteps: Tensor | Sequence[float] | None = None, noise: Tensor | None = None,
                        generator: GeneratorLike = None) -> DenoisingLoss:
-        """Per-sample pre-training loss of the denoiser on clean latents (Diffusion-DPO, DRAGON, RAFT; METHODS.md §6a).
+        """Per-sample pre-training loss of the denoiser on clean latents (Diffusion-DPO, DRAGON, RAFT;
+        docs/methods.md#diffusion-dpo).
 
         Noises ``x0`` to a random level with the family's forward process and compares the denoiser's prediction
         with its training target (DDPM: ε, v or x0 per ``prediction_type``; flow: ``ε − x0``). Only the conditional

@@ -2,7 +2,7 @@
 
 CogVideoX is a v-prediction model sampled by ``CogVideoXDDIMScheduler`` (zero-terminal-SNR, SNR-shifted
 ``alphas_cumprod``, trailing spacing). Its deterministic step ``x' = a_t·x + b_t·x0_hat`` is DDIM at η = 0 written in
-another form, so the stochastic policy is the DDIM step of METHODS.md §1 with the v-prediction formulas
+another form, so the stochastic policy is the DDIM step of docs/methods.md#ddim-logprob with the v-prediction formulas
 ``x0_hat = sqrt(ᾱ)·x − sqrt(1−ᾱ)·v`` and ``eps_hat = sqrt(ᾱ)·v + sqrt(1−ᾱ)·x``, computed by
 :func:`visalign.generators.ddim_logprob.ddim_step_with_logprob` from the scheduler's *own* ``alphas_cumprod`` and
 ``final_alpha_cumprod`` (never recomputed). The denoiser call mirrors diffusers' ``CogVideoXPipeline.__call__``

@@ -1,10 +1,12 @@
-"""One DDIM step (η ≥ 0) as a pure function, with the log-probability of the resulting sample (METHODS.md §1).
+"""One DDIM step (η ≥ 0) as a pure function, with the log-probability of the resulting sample
+(docs/methods.md#ddim-logprob).
 
 Adapted from diffusers ``DDIMScheduler.step`` (src/diffusers/schedulers/scheduling_ddim.py at release tag v0.42.1)
 and kvablack/ddpo-pytorch ``ddpo_pytorch/diffusers_patch/ddim_with_logprob.py``. Changes:
 
 1. Pure function of ``(model_output, timestep, prev_timestep, sample)`` and the schedule's ``alphas_cumprod``: no
-   ``step_index`` or other scheduler state, so any step can be replayed in any order (METHODS.md §1 Checks).
+   ``step_index`` or other scheduler state, so any step can be replayed in any order (docs/methods.md#ddim-logprob
+   Checks).
 2. ``timestep``/``prev_timestep`` may be per-sample ``[B]`` tensors (ddpo's per-sample time shuffling).
 3. Returns the Gaussian mean and std and the log-density of ``prev_sample`` (reduced by mean and by sum), and
    accepts a given ``prev_sample`` to score instead of drawing one.

@@ -1,8 +1,8 @@
 """The per-sample denoising loss: the training objective a diffusion or flow model was pre-trained with.
 
-Offline and set-based objectives (Diffusion-DPO and its flow port, METHODS.md §6a; DRAGON's DPO/KTO surrogates,
-§5; RAFT's supervised step, §10a) do not use rollout log-probs: they compare how well the model (and a frozen
-reference) denoises a clean sample at a random noise level. This file holds the family-independent pieces;
+Offline and set-based objectives (Diffusion-DPO and its flow port, docs/methods.md#diffusion-dpo; DRAGON's DPO/KTO
+surrogates, #dragon; RAFT's supervised step, #raft) do not use rollout log-probs: they compare how well the model (and
+a frozen reference) denoises a clean sample at a random noise level. This file holds the family-independent pieces;
 :meth:`visalign.generators.base.GeneratorAdapter.denoising_loss` assembles them with the family's own denoiser call.
 
 - DDPM (UNet families, CogVideoX): ``t ~ U{0..T−1}``, ``x_t = sqrt(ᾱ_t)·x0 + sqrt(1−ᾱ_t)·ε`` (the scheduler's

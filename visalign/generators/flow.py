@@ -1,9 +1,9 @@
 """Flow-matching image families with an SDE sampler and exact per-step log-probs: SD3/3.5 and FLUX.
 
 Builds on :mod:`visalign.generators.base` (loop, seeds, LoRA, save/load) and
-:func:`visalign.generators.flow_sde.sde_step` (Flow-GRPO / Dance-SDE / CPS step, METHODS.md §2). The denoiser calls
-mirror diffusers' ``StableDiffusion3Pipeline.__call__`` and ``FluxPipeline.__call__`` (release v0.42.1): the same
-``[uncond; cond]`` CFG batch for SD3, FLUX's packed 2×2 latents with its position ids and distilled guidance
+:func:`visalign.generators.flow_sde.sde_step` (Flow-GRPO / Dance-SDE / CPS step, docs/methods.md#flow-sde). The
+denoiser calls mirror diffusers' ``StableDiffusion3Pipeline.__call__`` and ``FluxPipeline.__call__`` (release v0.42.1):
+the same ``[uncond; cond]`` CFG batch for SD3, FLUX's packed 2×2 latents with its position ids and distilled guidance
 embedding, and the scheduler's own sigmas, shift and resolution-dependent ``mu`` (never recomputed here). With noise
 level 0 every step is the scheduler's Euler step, so a rollout reproduces the stock pipeline's image for the same
 per-sample generators (tested to 1e-4).
@@ -61,7 +61,7 @@ class FlowMatchingAdapter(GeneratorAdapter):
         """Choose the stochastic step used by later rollouts.
 
         Args:
-            mode: ``"flowgrpo"`` (default), ``"dance"`` or ``"cps"`` (METHODS.md §2).
+            mode: ``"flowgrpo"`` (default), ``"dance"`` or ``"cps"`` (docs/methods.md#flow-sde).
             logp_mode: ``"exact"`` (normalised density) or ``"flowgrpo_compat"`` (CPS's reference "log-prob");
                 re-tune the PPO clip range when switching, and never mix the two within one run.
             window: half-open ``(start, stop)`` step range sampled with the SDE; the other steps use the ODE (noise

@@ -1,4 +1,4 @@
-"""One stochastic flow-matching step with its Gaussian log-probability (METHODS.md §2).
+"""One stochastic flow-matching step with its Gaussian log-probability (docs/methods.md#flow-sde).
 
 Rectified-flow models (SD3/3.5, FLUX, Wan, LTX) sample ``x_s = (1 − s)·x0 + s·ε`` with the Euler ODE
 ``x_{s+ds} = x_s + v_hat·ds``. Replacing the ODE by an SDE with the same marginals turns every step into a
@@ -36,7 +36,7 @@ class FlowStepOutput(NamedTuple):
         mean: float32, same shape as ``x``: the Gaussian mean ``mu`` (carries the gradient of ``v_hat``).
         std: float32, broadcastable to ``x`` (``[B, 1, ...]``): the step's standard deviation; 0 for an ODE step.
         logp_mean: float32 ``[B]``: per-element log-density averaged over all non-batch dims (the published
-            convention, METHODS.md "Log-prob reduction"); NaN where ``std == 0`` (no density, as in
+            convention, docs/methods.md#notation, log-prob reduction); NaN where ``std == 0`` (no density, as in
             :class:`visalign.generators.base.StepOutput`).
         logp_sum: float32 ``[B]``: ``D · logp_mean``, the true log-density in ``"exact"`` mode.
     """
@@ -80,7 +80,7 @@ def sde_step(
         s, s_next: current and next noise level (the scheduler's sigmas, in [0, 1], ``s_next < s``): a float or a
             ``[B]`` tensor, broadcast over every non-batch dim.
         x: current latent, same shape as ``v_hat``.
-        noise_level: ``a`` in METHODS.md §2, ≥ 0; a float or ``[B]``. 0 gives the deterministic Euler step.
+        noise_level: ``a`` in docs/methods.md#flow-sde, ≥ 0; a float or ``[B]``. 0 gives the deterministic Euler step.
         prev_sample: the next latent to score (training replay). None samples a fresh one.
         generator: one generator or one per sample (``randn_tensor`` semantics) for the fresh noise.
         noise: the standard-normal draw itself, same shape as ``x`` (overrides ``generator``); adapters pass the

@@ -266,7 +266,8 @@ def sde_window_mask(window: tuple[int, int] | None, num_steps: int, device: torc
 def gaussian_log_prob(sample: Tensor, mean: Tensor, std: Tensor) -> tuple[Tensor, Tensor]:
     """Per-sample log-density of ``sample`` under ``N(mean, std²)``, reduced over non-batch dims.
 
-    The sample enters as a constant (detached): gradients flow only through ``mean`` (METHODS.md §1 Checks).
+    The sample enters as a constant (detached): gradients flow only through ``mean`` (docs/methods.md#ddim-logprob
+    Checks).
 
     Args:
         sample, mean: ``[B, ...]`` (computed in float32).

@@ -1,4 +1,4 @@
-"""The objective contract: one small class per objective over a typed batch (docs/extending.md, "An objective").
+"""The objective contract: one small class per objective over a typed batch (docs/extending.md#add-an-objective).
 
 The engine (``visalign/train/loop.py``) owns the parameters and the optimizer, an experience source
 (``visalign/train/sources/``) makes the batches, and an objective turns one batch into gradient steps: per

@@ -1,5 +1,4 @@
-"""The batch types that experience sources produce and objectives consume (docs/architecture.md, "Experience
-sources").
+"""The batch types that experience sources produce and objectives consume (docs/architecture.md#sources).
 
 Each objective declares the one type it consumes (``Objective.consumes``) and each source the one it produces
 (``ExperienceSource.produces``); the trainer compares the two when it reads the config, before any model loads.

@@ -26,7 +26,7 @@ def within_group_pairs(group_ids: Tensor, weights: Tensor | None = None) -> tupl
     """All unordered pairs ``(a, b)``, ``a < b``, of samples in the same prompt group.
 
     Pairs never cross prompts: the partition function ``Z(c)`` of the KL-regularised optimum cancels only between two
-    samples of the same prompt (METHODS.md §4 Checks).
+    samples of the same prompt (docs/methods.md#prdp Checks).
 
     Args:
         group_ids: int64 ``[B]``, the prompt group of each sample.
@@ -211,7 +211,7 @@ class FrozenWeights:
 
 def diffusion_kto_loss(model: Tensor, ref: Tensor, desirable: Tensor, beta: float, *, lambda_desirable: float = 1.0,
                        lambda_undesirable: float = 1.0, z0: Tensor | None = None) -> tuple[Tensor, Tensor]:
-    """Diffusion-KTO per sample (METHODS.md §5; jacklishufan/diffusion-kto train_kto_sd_v1.5.py).
+    """Diffusion-KTO per sample (docs/methods.md#dragon; jacklishufan/diffusion-kto train_kto_sd_v1.5.py).
 
     ``g = ℓ_ref − ℓ_θ`` (how much better θ denoises than the reference), reference point
     ``z0 = sg(clamp(mean(g), min=0))`` over the batch, ``h = σ(sign·β·(g − z0))`` with sign +1 on D+ and −1 on D−,

@@ -1,16 +1,18 @@
-"""DRAGON: on-policy positive and negative sets, trained with a contrastive denoising surrogate (METHODS.md §5).
+"""DRAGON: on-policy positive and negative sets, trained with a contrastive denoising surrogate
+(docs/methods.md#dragon).
 
 Each iteration's rollout is split into a positive set D+ and a negative set D− by its rewards, then the model is
 pulled toward D+ and away from D− relative to a reference (arXiv 2504.15217; the surrogates and split rules are
-[unverified], METHODS.md §5 Confidence):
+[unverified], docs/methods.md#dragon Confidence):
 
 - ``mode: paired`` — instance rewards (pointwise or instance-to-distribution scorers): in every prompt group the
-  best sample goes to D+ and the worst to D− (same prompt: a preference pair), trained with Diffusion-DPO (§6a):
-  ``L = −log σ(−(β/2)·[(ℓ_θ(x_w) − ℓ_ref(x_w)) − (ℓ_θ(x_l) − ℓ_ref(x_l))])`` with ``(t, ε)`` shared within the pair.
+  best sample goes to D+ and the worst to D− (same prompt: a preference pair), trained with Diffusion-DPO
+  (docs/methods.md#diffusion-dpo): ``L = −log σ(−(β/2)·[(ℓ_θ(x_w) − ℓ_ref(x_w)) − (ℓ_θ(x_l) − ℓ_ref(x_l))])`` with
+  ``(t, ε)`` shared within the pair.
 - ``mode: unpaired`` — set-level rewards (full-set Fréchet distance, Vendi): the scorer already turns the set value
   into per-sample leave-one-out credits ``Δ_i`` (``visalign/scorers/distributional.py``, ``fd-change`` mode), so
-  ``D+ = {i : Δ_i > median Δ}`` over the batch and ``D− =`` the rest, trained with Diffusion-KTO (§5):
-  ``L = w·(1 − σ(sign·β·(ℓ_ref − ℓ_θ − z0)))``, ``z0 = sg(clamp(mean(ℓ_ref − ℓ_θ), min=0))``.
+  ``D+ = {i : Δ_i > median Δ}`` over the batch and ``D− =`` the rest, trained with Diffusion-KTO
+  (docs/methods.md#dragon): ``L = w·(1 − σ(sign·β·(ℓ_ref − ℓ_θ − z0)))``, ``z0 = sg(clamp(mean(ℓ_ref − ℓ_θ), min=0))``.
 
 ℓ is the adapter's per-sample ``denoising_loss`` (mean-over-elements MSE, conditional branch) on the rollout's final
 latents. The reference is the model before training (``reference: base``): the LoRA-disabled model, or for a full
@@ -118,7 +120,8 @@ class DragonObjective(PreferenceObjective):
             chunks = micro_batches(order.tolist(), p.micro_batch or index.numel())
             batch_z0 = None
             if len(chunks) > 1:
-                # z0 is a statistic of the whole batch (METHODS §5), not of each micro-batch: one no-grad pass.
+                # z0 is a statistic of the whole batch (docs/methods.md#dragon), not of each micro-batch: one no-grad
+                # pass.
                 with torch.no_grad():
                     current = denoising_loss(ctx.adapter, x0[index], rollout, index.tolist(),
                                              timesteps=ref.timesteps, noise=ref.noise)

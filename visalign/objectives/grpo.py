@@ -1,6 +1,6 @@
 """DDPO / Flow-GRPO: group-normalised advantages, PPO clip on per-step importance ratios, optional KL.
 
-METHODS.md §3. Every denoising step is an action sharing the trajectory's terminal reward. For each trained
+docs/methods.md#grpo. Every denoising step is an action sharing the trajectory's terminal reward. For each trained
 step j and sample i: ``ρ = exp(logp_θ − logp_old)``, ``L_j = mean_i max(−A_i·ρ, −A_i·clip(ρ, 1−ε, 1+ε))``,
 backward per step so gradients accumulate over steps and micro-batches (memory stays one step's worth).
 The KL to the reference (the LoRA-disabled base model) is the closed form for two Gaussians of equal variance,

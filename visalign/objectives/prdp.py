@@ -1,4 +1,4 @@
-"""PRDP: proximal reward difference prediction (METHODS.md §4; arXiv 2402.08714, no public code).
+"""PRDP: proximal reward difference prediction (docs/methods.md#prdp; arXiv 2402.08714, no public code).
 
 DPO's trick applied to the trajectory-level KL-regularised RL objective: at the optimum,
 ``r(x0, c) = β·log(p*(τ)/p_anchor(τ)) + β·log Z(c)``, and ``Z(c)`` cancels between two trajectories of the same prompt.
@@ -16,7 +16,7 @@ Proximal variant (PPO-style pessimism against the rollout snapshot θ_old), with
 The anchor is ``old`` (the rollout snapshot: ``s = 0`` at the start of every round, no extra forward — the rollout's
 ``log_probs_sum``) or ``reference`` (the LoRA-disabled base model, the KL-regularised reading). K gradient steps are
 taken per rollout; a new rollout every iteration is the resampling (θ_old ← θ). Exact loss scaling, clipping rule and
-anchor choice are [unverified] against the paper (METHODS.md §4 Confidence).
+anchor choice are [unverified] against the paper (docs/methods.md#prdp Confidence).
 """
 
 from __future__ import annotations

@@ -1,11 +1,11 @@
-"""RAFT: reward-ranked fine-tuning (METHODS.md §10a; arXiv 2304.06767).
+"""RAFT: reward-ranked fine-tuning (docs/methods.md#raft; arXiv 2304.06767).
 
 Sample a group per prompt, keep the best ``top_k`` by reward, and fine-tune on the kept samples with the model's
 ordinary denoising loss — the adapter's ``denoising_loss`` on the kept rollouts' final latents
 (``rollout.latents[:, -1]``) and their own prompt condition. Generation needs no gradients and the step needs no
 log-probs, so any scorer and any sampler work. This equals flow_grpo's ``'sft'`` advantage type (the indicator of the
 group argmax) when ``top_k = 1``. Ties break toward the lower sample index, so a rerun keeps the same samples.
-Top-k per prompt rather than a global top fraction of the batch is our reading ([unverified], §10a Confidence).
+Top-k per prompt rather than a global top fraction of the batch is our reading ([unverified], docs/methods.md#raft).
 """
 
 from __future__ import annotations

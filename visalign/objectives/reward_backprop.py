@@ -1,4 +1,4 @@
-"""Direct reward backprop: DRaFT-K / full DRaFT, AlignProp and ReFL (METHODS.md §7).
+"""Direct reward backprop: DRaFT-K / full DRaFT, AlignProp and ReFL (docs/methods.md#reward-backprop).
 
 The reward's gradient flows from the scorer through the VAE decoder and the last denoising steps into the
 trainable weights (LoRA or full). The loop's rollout provides the no-grad prefix: the tail from step ``b`` on is
@@ -23,7 +23,8 @@ Loss per micro-batch: ``−grad_scale · mean_b(w_b · r_b)``, or ``grad_scale �
 with a cap (ReFL: ``relu(2 − r)``, ``grad_scale = 1e-3``), where ``w`` are the uncertainty weights (Ctrl-U
 ``exp(−U)``, mean 1) when ``reward.uncertainty_weights`` is on, else ones. ``r`` is the training reward's
 aggregated total with its transforms, computed with ``grad=True``; zero-weight monitor terms (the demo's oracle)
-stay out of the graph. DRaFT-LV is not implemented: its re-noising details are unverified (METHODS.md §7).
+stay out of the graph. DRaFT-LV is not implemented: its re-noising details are unverified
+(docs/methods.md#reward-backprop).
 """
 
 from __future__ import annotations

@@ -1,10 +1,10 @@
-"""Per-prompt group advantages for DDPO / GRPO-style objectives (METHODS §3), at ddpo's scale.
+"""Per-prompt group advantages for DDPO / GRPO-style objectives (docs/methods.md#grpo), at ddpo's scale.
 
 ``A_i = (r_i − mean_g r) / (std_g r + eps)``, clipped to ±A_max, where g is the group of samples generated for
 the same prompt. Defaults follow flow_grpo (eps 1e-4, ddof 0, A_max 5); ddpo-pytorch uses eps 1e-6 and
 DanceGRPO ddof 1 — both are one config field away. A zero-variance group (every sample tied, or a group of
 one) carries no preference, so its advantages are exactly 0 and the samples are reported in ``zero_std``.
-Gather rewards and prompts across processes *before* calling this (METHODS §3, "gather before normalizing").
+Gather rewards and prompts across processes *before* calling this (docs/methods.md#grpo, "gather before normalizing").
 """
 
 from __future__ import annotations
@@ -64,7 +64,7 @@ class GroupAdvantages:
 
 def group_advantages(rewards: Tensor, group_ids: Sequence[Any] | Tensor,
                      config: AdvantageConfig | None = None) -> GroupAdvantages:
-    """Per-prompt group advantages (METHODS §3).
+    """Per-prompt group advantages (docs/methods.md#grpo).
 
     Args:
         rewards: float ``[B]`` total rewards; NaN (no scorer applied) is left out of the statistics and gets 0.

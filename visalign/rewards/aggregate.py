@@ -1,7 +1,7 @@
 """Aggregations: M per-scorer rewards ``[B, M]`` → one total ``[B]`` (and, for some, advantages or a mask).
 
-METHODS §11 (weighted sum, GDPO, WCO/UWO ensemble rules), §10b (Parrot's Pareto selection). Each rule is a small
-class in the ``AGGREGATIONS`` registry; a recipe names one by id or as a mapping (``{kind: mean-minus-var,
+docs/methods.md#transforms (weighted sum, GDPO, WCO/UWO ensemble rules), #parrot (Parrot's Pareto selection). Each rule
+is a small class in the ``AGGREGATIONS`` registry; a recipe names one by id or as a mapping (``{kind: mean-minus-var,
 lam: 0.5}``). Every rule is nan-aware: NaN in ``rewards[i, m]`` means scorer m does not apply to sample i, and
 the rule skips it as documented on each class. All rules are built from differentiable torch ops (except the
 Pareto mask), so an ensemble of differentiable scorers stays differentiable.
@@ -140,8 +140,8 @@ class Gdpo(Aggregation):
 
     Stds use ``ddof`` (1, torch's default, as in the GDPO trainer). ``total`` is the weighted sum (for logging).
     Without groups, or with a single active term, ``advantages`` is None and the caller falls back to plain
-    group normalisation of the total, as METHODS §11 prescribes ("applied only when more than one reward is
-    active").
+    group normalisation of the total, as docs/methods.md#transforms prescribes ("applied only when more than one reward
+    is active").
     """
 
     eps: float = 1e-4
@@ -167,7 +167,7 @@ class Gdpo(Aggregation):
 
 @dataclass
 class Pareto(Aggregation):
-    """Parrot (§10b): total = weighted sum; ``keep`` marks the batch's non-dominated samples.
+    """Parrot (docs/methods.md#parrot): total = weighted sum; ``keep`` marks the batch's non-dominated samples.
 
     i dominates j iff s·R_i ≥ s·R_j on every term and > on at least one, with s = sign(w) (a negative weight
     means lower is better) and zero-weight terms ignored. A NaN compares as worse than any value, so a term

@@ -1,6 +1,6 @@
 """Reward composition: several scorers → one reward, with every per-scorer value kept for logging.
 
-DESIGN.md (Reward composition), METHODS §11. The order of operations is fixed:
+docs/architecture.md#reward-composition, docs/methods.md#transforms. The order of operations is fixed:
 raw score → card normalisation (in the scorer) → per-term transform → weight → aggregation → advantages.
 
 >>> from visalign.scorers import ScoreBatch
@@ -10,7 +10,7 @@ raw score → card normalisation (in the scorer) → per-term transform → weig
 >>> out.total.tolist(), sorted(out.per_scorer)
 ([0.25, 1.25], ['brightness', 'saturation'])
 
-Weights, transforms and the aggregation rule live here, never inside a scorer (STYLE.md §2.6).
+Weights, transforms and the aggregation rule live here, never inside a scorer (docs/extending.md#scorers-and-rewards).
 """
 
 from __future__ import annotations

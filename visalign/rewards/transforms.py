@@ -1,6 +1,7 @@
-"""Reward transforms: what happens to one scorer's reward before it is weighted and aggregated (METHODS §11).
+"""Reward transforms: what happens to one scorer's reward before it is weighted and aggregated
+(docs/methods.md#transforms).
 
-Order of operations (METHODS §11): raw score → card normalisation (inside the scorer) → **transform** →
+Order of operations (docs/methods.md#transforms): raw score → card normalisation (inside the scorer) → **transform** →
 weight → aggregate (``visalign.rewards.aggregate``) → advantage (``visalign.rewards.advantages``).
 
 Each transform is a small class in the ``TRANSFORMS`` registry (a data table, not an ``elif``); a recipe names

@@ -1,8 +1,8 @@
 """The scorer contract: ``ScoreBatch`` in, ``ScoreOutput`` out, one class per mechanism, variants as cards.
 
-See DESIGN.md (Scorer contract) and STYLE.md §2.6. A mechanism subclasses :class:`Scorer` and implements
-``load`` (heavy weights, called lazily on first use) and ``score_raw`` (a batch → raw scores ``[B]``).
-The base class does everything else the contract promises: input checks, ``grad`` handling,
+See docs/architecture.md#scorer-contract and docs/extending.md#scorers-and-rewards. A mechanism subclasses
+:class:`Scorer` and implements ``load`` (heavy weights, called lazily on first use) and ``score_raw`` (a batch → raw
+scores ``[B]``). The base class does everything else the contract promises: input checks, ``grad`` handling,
 normalisation to a reward, dtype and shape of the output, and a pickle that carries no weights.
 """
 

@@ -1,4 +1,4 @@
-"""Scorer cards: one YAML file per scorer variant (STYLE.md §2.6 "variants are data").
+"""Scorer cards: one YAML file per scorer variant (docs/extending.md#scorers-and-rewards "variants are data").
 
 Built-in cards live in the repository's ``scorers/`` folder, installed as the package data
 ``visalign.cards``. Users add their own folders with ``VISALIGN_CARD_PATH`` (``os.pathsep``-separated)

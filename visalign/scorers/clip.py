@@ -9,7 +9,7 @@ with ``weights.backend`` and a scoring rule with ``params.mode``:
 - ``hf``: a transformers ``CLIPModel`` from a hub id or a local folder (``use_safetensors=True``); mean, std and
   sizes are read from the folder's ``CLIPImageProcessor`` config (``processor_id`` when the weights repo has none).
 
-Modes (METHODS.md §12 and §6b):
+Modes (docs/methods.md#scorers and #rpo-harmonic):
 
 - ``clipscore``: ``w·max(cos(img, text), 0)``, w from the card (2.5 in Hessel et al., arXiv 2104.08718);
 - ``cosine``: the raw cosine (HPSv2's score);
@@ -527,7 +527,7 @@ class ClipScorer(Scorer):
 
 
 def lambda_harmonic(s_image: Tensor, s_text: Tensor, lam: float) -> Tensor:
-    """RPO's λ-Harmonic reward (METHODS.md §6b): a weighted harmonic mean of image and text fidelity.
+    """RPO's λ-Harmonic reward (docs/methods.md#rpo-harmonic): a weighted harmonic mean of image and text fidelity.
 
     Args:
         s_image (`Tensor`): image–reference similarity already mapped to [0, 1], any shape.

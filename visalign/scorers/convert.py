@@ -1,9 +1,9 @@
 """Convert a checkpoint published only as a pickle (``.pt``/``.pth``/``.bin``) once into safetensors.
 
-STYLE.md §2.7: we never unpickle a downloaded file in the normal loading path. Some weights are published only as
-pickles (the LAION aesthetic MLP ``sac+logos+ava1-l14-linearMSE.pth``, ``HPS_v2.1_compressed.pt``); this module
-reads them with ``torch.load(..., weights_only=True)``, which refuses arbitrary Python objects, flattens them to a
-``name → tensor`` mapping and writes a ``.safetensors`` file that the scorers load from then on.
+docs/extending.md#dependencies: we never unpickle a downloaded file in the normal loading path. Some weights are
+published only as pickles (the LAION aesthetic MLP ``sac+logos+ava1-l14-linearMSE.pth``, ``HPS_v2.1_compressed.pt``);
+this module reads them with ``torch.load(..., weights_only=True)``, which refuses arbitrary Python objects, flattens
+them to a ``name → tensor`` mapping and writes a ``.safetensors`` file that the scorers load from then on.
 """
 
 from __future__ import annotations

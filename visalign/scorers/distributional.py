@@ -1,9 +1,10 @@
 """Distributional (exemplar-set) rewards: how a sample, or a batch, relates to a set of exemplars in embedding space.
 
-DRAGON (METHODS.md §5, arXiv 2504.15217) scores on-policy samples with *instance-to-distribution* rewards
+DRAGON (docs/methods.md#dragon, arXiv 2504.15217) scores on-policy samples with *instance-to-distribution* rewards
 (similarity to an exemplar set) and *distribution-to-distribution* rewards (a set-level value such as the Fréchet
 distance or the Vendi score, credited to each sample by leaving it out). This module builds both on top of any
-embedder (``visalign.scorers.embedders``) and the set metrics of ``visalign.scorers.set_metrics`` (METHODS §12).
+embedder (``visalign.scorers.embedders``) and the set metrics of ``visalign.scorers.set_metrics``
+(docs/methods.md#scorers).
 
 - :class:`ExemplarSet`: exemplars (a folder of images or videos, a list of texts, or a media tensor) embedded
   once, with float64 mean, covariance and the covariance's eigendecomposition cached on disk as safetensors,
@@ -269,7 +270,8 @@ def _embed_source(source: Any, kind: str, embedder: Any, max_frames: int | None)
 
 MODE_KINDS = {"centroid": "pointwise", "knn": "pointwise", "fd-change": "set-level", "vendi": "set-level",
               "mmd-witness": "set-level"}
-_NOT_DIFFERENTIABLE = {"fd-change", "vendi"}  # eigh-based: gradients unstable for near-degenerate spectra (§12)
+# eigh-based modes: gradients are unstable for near-degenerate spectra (docs/methods.md#vendi)
+_NOT_DIFFERENTIABLE = {"fd-change", "vendi"}
 
 
 class DistributionalScorer(Scorer):

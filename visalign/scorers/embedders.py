@@ -7,8 +7,8 @@ Scorers that expose these two methods (CLIP, ``visalign.scorers.clip:ClipScorer`
 :func:`resolve_embedder`; :class:`ColorHistogramEmbedder` is a deterministic, differentiable built-in with no
 weights, cheap enough for offline tests and for colour/layout-matching rewards.
 
-Used by ``visalign.scorers.distributional`` (METHODS.md §5 and §12: centroid/kNN similarity, Fréchet distance,
-Vendi, MMD over embedding sets).
+Used by ``visalign.scorers.distributional`` (docs/methods.md#dragon and #scorers: centroid/kNN similarity, Fréchet
+distance, Vendi, MMD over embedding sets).
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Embedding-MLP heads: an MLP on L2-normalised CLIP image embeddings (the LAION aesthetic predictor family).
 
 The LAION improved aesthetic predictor v2 (christophschuhmann/improved-aesthetic-predictor, as used by
-kvablack/ddpo-pytorch ddpo_pytorch/aesthetic_scorer.py; METHODS.md §12) feeds ViT-L/14 image features,
+kvablack/ddpo-pytorch ddpo_pytorch/aesthetic_scorer.py; docs/methods.md#scorers) feeds ViT-L/14 image features,
 L2-normalised, through ``768→1024→128→64→16→1`` linear layers with dropouts 0.2, 0.2, 0.1 after the first three
 and no activations. The card describes the layout (``head_layers``, ``head_dropout``, ``head_activation``);
 :class:`EmbeddingMLP` builds it with the same ``layers.{i}`` keys, so the published weights load unchanged

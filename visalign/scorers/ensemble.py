@@ -2,8 +2,8 @@
 
 Reward-model ensembles mitigate (but do not eliminate) reward hacking: "Reward Model Ensembles Help Mitigate
 Overoptimization" (arXiv 2310.02743: WCO = min, UWO = mean − λ·Var) and "Helping or Herding?" (arXiv
-2312.09244: mean, median). METHODS §11. The members are ordinary registered scorers named in the card, built
-lazily through ``get_scorer``; the aggregation rule is one of ``visalign.rewards.aggregate``.
+2312.09244: mean, median). docs/methods.md#transforms. The members are ordinary registered scorers named in the card,
+built lazily through ``get_scorer``; the aggregation rule is one of ``visalign.rewards.aggregate``.
 
 Card params:
     members: list of scorer specs, each an id (``brightness``) or ``{scorer: id, params: {...}}``; at least 2.

@@ -1,4 +1,5 @@
-"""Named rules that map a scorer's native output to a reward (STYLE.md §2.6: no bare ``/26`` in a scorer).
+"""Named rules that map a scorer's native output to a reward (docs/extending.md#scorers-and-rewards: no bare ``/26`` in
+a scorer).
 
 Each rule is a small dataclass built from a card's ``normalize:`` mapping, e.g.
 ``{kind: affine, lo: 0.0, hi: 26.0}``. NaN ("does not apply") passes through every rule unchanged.

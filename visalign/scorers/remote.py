@@ -1,6 +1,6 @@
 """Yes-token scores from a VLM behind an OpenAI-compatible chat-completions endpoint (vLLM, SGLang).
 
-VQAScore's contract (METHODS.md §12, arXiv 2404.01291): a sample's score is P("Yes" | media, question), read
+VQAScore's contract (docs/methods.md#scorers, arXiv 2404.01291): a sample's score is P("Yes" | media, question), read
 here from the ``top_logprobs`` of the first generated token, as Flow-Factory's ``vllm_evaluate.py`` does: the
 probabilities of every listed variant of the answer ("Yes", " yes", "YES", ...) are summed, and by default
 renormalised against the negative answer, P(yes) / (P(yes) + P(no)). An answer token that is not among the top K

@@ -4,7 +4,7 @@
   ``params.statistic``: mean Rec. 601 luma (brightness), mean HSV saturation, luma standard deviation (RMS
   contrast) and Hasler–Süsstrunk colourfulness ("Measuring colourfulness in natural images", SPIE 2003).
   Every statistic is written in differentiable tensor ops, so these scorers serve reward backprop as well as
-  monitors of over-saturation and darkening (METHODS.md §15).
+  monitors of over-saturation and darkening (docs/methods.md#hacking-diagnostics).
 * :class:`JpegScorer` is DDPO's compressibility reward (kvablack/ddpo-pytorch ``ddpo_pytorch/rewards.py``,
   ``jpeg_incompressibility``): quantise to uint8, encode as JPEG at quality 95 with PIL, and measure the size in
   kilobytes (1 kB = 1000 bytes, as there). ddpo rewards ``-size`` for compressibility; here ``raw`` is always the

@@ -1,7 +1,7 @@
 """Distances and diversity of embedding sets: Fréchet distance, Vendi score, MMD, and per-sample credit.
 
 Pure tensor functions, no models; ``visalign.scorers.distributional`` turns them into rewards. Formulas follow
-METHODS.md §12 (Fréchet distance, Vendi score, MMD) and §5 (leave-one-out credit for set-level rewards):
+docs/methods.md#frechet, #vendi, #mmd and #dragon (leave-one-out credit for set-level rewards):
 
 - FD(S1, S2) = ||μ1 − μ2||² + tr Σ1 + tr Σ2 − 2·tr sqrt(Σ2^{1/2} Σ1 Σ2^{1/2}), computed by the *eigh route* in
   float64 (no complex ``scipy.linalg.sqrtm``). The reference side's square root comes from its cached

@@ -1,4 +1,4 @@
-"""Uncertainty-aware rewards: Ctrl-U generalised (METHODS §8) — disagreement U → weight exp(−U/τ).
+"""Uncertainty-aware rewards: Ctrl-U generalised (docs/methods.md#uncertainty) — disagreement U → weight exp(−U/τ).
 
 Ctrl-U (ICLR 2025; grenoble-zhang/Ctrl-U ``train/ctrlu-reward.py``) down-weights reward terms whose reward model
 disagrees with itself across near-identical inputs. This wrapper measures U as the **variance** of one base
@@ -18,10 +18,10 @@ reward units. The weight is ``w = exp(−U_norm / τ)``, rescaled to mean 1 over
 loss or advantages does not change its overall scale.
 
 The reward is the base reward, unchanged: the weights are for the objectives (multiply advantages or a
-reward-backprop loss by ``extras["weight"]``). U and the weights are detached ("reweight" mode of §8); the
-"hetero" mode, where the generator sees dU, belongs in an objective. Because the reward never depends on the
-batch, the card kind stays ``pointwise`` in every mode; the *extras* do depend on the batch with
-``batch-mean`` normalisation and in ``group`` mode (by design: U there is a property of the group).
+reward-backprop loss by ``extras["weight"]``). U and the weights are detached ("reweight" mode of
+docs/methods.md#uncertainty); the "hetero" mode, where the generator sees dU, belongs in an objective. Because the
+reward never depends on the batch, the card kind stays ``pointwise`` in every mode; the *extras* do depend on the batch
+with ``batch-mean`` normalisation and in ``group`` mode (by design: U there is a property of the group).
 """
 
 from __future__ import annotations

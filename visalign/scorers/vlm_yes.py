@@ -3,7 +3,7 @@
 References: VQAScore, Lin et al., arXiv 2404.01291, whose template and P(Yes) we follow
 (linzhiqiu/t2v_metrics ``t2v_metrics/models/vqascore_models/qwen2vl_model.py``); the renormalised
 P(yes)/(P(yes)+P(no)) as in X-GenGroup/Flow-Factory ``src/flow_factory/rewards/vllm_evaluate.py``; the pairwise
-"is A better than the reference B" form from RewardDance (arXiv 2509.08826). See METHODS.md §12 (VQAScore).
+"is A better than the reference B" form from RewardDance (arXiv 2509.08826). See docs/methods.md#vqascore.
 
 How a batch is scored, in ONE teacher-forced forward pass (no ``generate`` loop):
 

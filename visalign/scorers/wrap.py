@@ -1,6 +1,7 @@
 """Plain callables as scorers: ``(media, prompts, **kwargs) -> [B]`` and TRL-style text rewards.
 
-A reward that returns None (or NaN) for a sample abstains on it; the combiner skips it (STYLE.md §2.6).
+A reward that returns None (or NaN) for a sample abstains on it; the combiner skips it
+(docs/extending.md#scorers-and-rewards).
 """
 
 from __future__ import annotations

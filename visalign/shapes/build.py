@@ -1,10 +1,10 @@
 """Groundwork for ``visalign shapes build``: the seeded training-data stream and the word-level tokenizer.
 
 The asset build (a tiny latent diffusion pipeline, a video pipeline, a contrastive open_clip proxy and a
-yes/no VLM, DESIGN.md "The shapes world") trains on scenes rendered and captioned on the fly, never on a
+yes/no VLM, docs/architecture.md#shapes-world) trains on scenes rendered and captioned on the fly, never on a
 stored dataset: :func:`iter_image_batches` and :func:`iter_video_batches` are infinite, deterministic streams
 for a seed. :func:`write_clip_tokenizer` writes the stock ``CLIPTokenizer`` folder every text tower of the
-world shares, with one token per caption word (SHAPES-NOTES.md §5: a hand-written merge chain breaks because
+world shares, with one token per caption word (docs/shapes.md#pitfalls: a hand-written merge chain breaks because
 BPE merge ranks interfere across words, so the merges are *trained*, by a small deterministic BPE).
 """
 

@@ -1,10 +1,10 @@
 """Learned proxy rewards of the shapes world: a tiny contrastive CLIP and a tiny yes/no VLM, trained on renders.
 
-Part of ``visalign shapes build`` (DESIGN.md "The shapes world"). Both proxies train on scenes rendered on the fly
+Part of ``visalign shapes build`` (docs/architecture.md#shapes-world). Both proxies train on scenes rendered on the fly
 (:func:`visalign.shapes.build.iter_image_batches`, training compositions only) with *hard negatives*
 (:mod:`visalign.shapes.negatives`: swapped colours or shapes, swapped order, another relation, a wrong count,
 colour or shape), because a proxy that cannot tell those apart cannot carry a compositional reward
-(SHAPES-NOTES.md §4: the prototype's CLIP reached 86% / 70% on such pairs and did not help alignment).
+(docs/shapes.md#reward-fine-tuning: the prototype's CLIP reached 86% / 70% on such pairs and did not help alignment).
 
 - :func:`build_clip_proxy`: a transformers ``CLIPModel`` (ViT on 4-px patches + the world's word-level
   ``CLIPTokenizer``) trained with InfoNCE over the batch's true captions *plus* two hard negatives per image,
@@ -45,7 +45,7 @@ VQA_TEMPLATE = 'Does this figure show "{prompt}"? Please answer Yes or No.'
 PROXY_MIX = {"single": 0.15, "count": 0.2, "relation": 0.65}
 # Order negatives ("B left of A", "A right of B") are the ones a first run got wrong most (55% held-in, after 626
 # steps, vs 93-100% for colour, shape, count and binding swaps), and relation order is exactly what the base model
-# gets wrong (SHAPES-NOTES.md §3), so half of the relation images draw their first negative from these kinds.
+# gets wrong (docs/shapes.md#generator), so half of the relation images draw their first negative from these kinds.
 ORDER_KINDS = ("swap_order", "relation")
 ORDER_SHARE = 0.5
 # llava-hf/llava-1.5-7b-hf's chat template (no system turn, images first, "ASSISTANT:" as the generation prompt).

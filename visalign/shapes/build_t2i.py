@@ -1,6 +1,6 @@
 """Build the shapes world's tiny text-to-image model: a stock diffusers ``StableDiffusionPipeline`` folder.
 
-Recipe (measured in the prototype, SHAPES-NOTES.md §3, trimmed for a shared 2-core CPU):
+Recipe (measured in the prototype, docs/shapes.md#generator, trimmed for a shared 2-core CPU):
 
 1. an ``AutoencoderKL`` with f = 4 (32 px → 8×8×4 latents), trained with MSE + L1 + 1e-6·KL, then a
    decoder-only polish with the encoder frozen (the latent space stays fixed, so the order of the stages is free);

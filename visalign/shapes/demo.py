@@ -12,7 +12,7 @@ Stages (each announced on the console):
    terms, η = 0) continues the aligned LoRA and re-renders the hues the policy gradient let drift;
 4. *after*: the same prompts and seeds again, so every image pairs with its before image;
 5. ``report.html``: before/after images per prompt, reward and oracle curves, a per-attribute table and the gap
-   between what the proxy says and what the oracle measures (METHODS.md §15, proxy vs gold).
+   between what the proxy says and what the oracle measures (docs/methods.md#hacking-diagnostics, proxy vs gold).
 
 Evaluation prompts are never trained on: the alignment prompts are the shipped training compositions minus every
 composition that occurs in the evaluation sets (``heldin_eval.txt``: training compositions; ``heldout_compositions

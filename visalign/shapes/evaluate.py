@@ -2,7 +2,7 @@
 
 Builds on :mod:`visalign.shapes.oracle` (exact grading from pixels) and the shipped prompt sets
 (:mod:`visalign.shapes.prompt_sets`). Sampling uses fixed per-prompt seeds, so two evaluations of two models
-are paired sample for sample (SHAPES-NOTES.md §3 "Evaluation protocol": DDIM 20 steps, η = 0, CFG 4).
+are paired sample for sample (docs/shapes.md#generator, evaluation protocol: DDIM 20 steps, η = 0, CFG 4).
 """
 
 from __future__ import annotations

@@ -4,8 +4,8 @@ A learned proxy (the contrastive CLIP and the yes/no VLM of ``visalign shapes bu
 if it tells "a red circle left of a blue square" from the captions that differ in exactly one bound attribute:
 swapped colours ("a blue circle left of a red square"), swapped shapes, the opposite relation or the objects in the
 other order, a wrong count, a wrong colour or shape. Bag-of-words features cannot separate those pairs, so they are
-what the proxies train against and what their accuracy is measured on (SHAPES-NOTES.md §4: the prototype's 86% /
-70% on such pairs was too weak to carry a reward).
+what the proxies train against and what their accuracy is measured on (docs/shapes.md#reward-fine-tuning: the
+prototype's 86% / 70% on such pairs was too weak to carry a reward).
 
 Every negative is *false* for any scene of the positive spec: a changed thing does not occur in the scene, a
 swapped order or opposite relation contradicts the layout's dominant axis, and a changed count is a different number

@@ -1,9 +1,9 @@
 """The base generator's training stream: rendered scenes whose images show one object too many, sometimes.
 
-Why the noise (SHAPES-NOTES.md §4 and §6(c)): reward fine-tuning in a few CPU minutes can *sharpen* a behaviour
-the base model already produces sometimes, but cannot *discover* one it never produces (the prototype's relation
-order stayed a coin flip under GRPO). So the base model is trained to be right about the number of objects only
-most of the time, on every prompt kind:
+Why the noise (docs/shapes.md#reward-fine-tuning and #targets): reward fine-tuning in a few CPU minutes can *sharpen* a
+behaviour the base model already produces sometimes, but cannot *discover* one it never produces (the prototype's
+relation order stayed a coin flip under GRPO). So the base model is trained to be right about the number of objects
+only most of the time, on every prompt kind:
 
 - a count prompt ("two blue squares", counts 1-4) shows, with probability ``extra_object_p``, ``count + 1``
   copies (``4 → 3``, the world has no 5);

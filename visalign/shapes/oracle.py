@@ -8,7 +8,7 @@ Alignment"), but exact for this world because colours are pure and the backgroun
    anti-aliased or VAE-blurred edges keep their hue;
 2. objects: 8-connected components of the foreground (``scipy.ndimage.label``) with a minimum area; each
    object's colour is the majority colour of its pixels (a VAE's colour fringe must not become an object,
-   SHAPES-NOTES.md §2);
+   docs/shapes.md#oracle);
 3. shape: brightness-weighted central moments (vertical skew for the upright triangle, the 4th-order ratio
    ``E[dx² dy²] / (E[dx²] E[dy²])`` for square vs circle, elongation for "no shape"), which survive blur;
 4. grading: colour, shape and count for every prompt, plus position (dominant axis and sign of the centroid

@@ -1,6 +1,6 @@
 """The shapes world's exact oracle as a scorer: the verifiable reward of ``visalign demo`` and the benchmark.
 
-It wraps :mod:`visalign.shapes.oracle` (colour segmentation, connected components, template shape matching,
+It wraps :mod:`visalign.shapes.oracle` (colour segmentation, connected components, moment-based shape classification,
 counting, relative position, motion track), which grades pixels against the prompt's parsed spec. The raw
 score is the fraction of the prompt's attributes that the sample satisfies, already in [0, 1]; the per-attribute
 grades travel in ``extras`` so a run can log which attribute alignment moved. Nothing is learnt and nothing is

@@ -2,8 +2,8 @@
 
 Shapes are drawn with PIL at ``SUPERSAMPLE``x the target resolution and box-downsampled
 (``Image.reduce``), which gives anti-aliased edges whose pixel value is the covered fraction of the pure
-colour. Output follows DESIGN.md's canonical layout: float32 in [0, 1], ``[3, H, W]`` for an image and
-``[T, 3, H, W]`` for a video, black background. Rendering is a pure function of the scene, so a seeded
+colour. Output follows the canonical layout of docs/architecture.md#canonical-data: float32 in [0, 1], ``[3, H, W]``
+for an image and ``[T, 3, H, W]`` for a video, black background. Rendering is a pure function of the scene, so a seeded
 scene sampler makes the whole pipeline deterministic.
 """
 

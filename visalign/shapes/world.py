@@ -5,7 +5,7 @@ is one concrete layout that satisfies it (``Scene`` for images, ``VideoScene`` f
 fractions so one scene renders at any resolution. Everything is plain Python/numpy and deterministic for a
 seeded ``numpy.random.Generator``.
 
-Sizes and spacing follow the measured pitfalls in ../shared/SHAPES-NOTES.md §1: at 32 px a circle needs a
+Sizes and spacing follow the measured pitfalls in docs/shapes.md#world: at 32 px a circle needs a
 half-extent of at least ~3.8 px not to look square after anti-aliasing, shapes keep >= 2.5 px apart, and a
 relation's dominant axis wins by a 1.5x margin so "left of" is never a judgement call.
 """
@@ -38,7 +38,7 @@ RELATION_VECTORS: dict[str, tuple[int, int]] = {"left_of": (-1, 0), "right_of": 
                                                 "below": (0, 1)}
 DIRECTION_VECTORS: dict[str, tuple[int, int]] = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}
 
-# Colour-shape pairs whose *relation* prompts are held out of training (SHAPES-NOTES.md §1). The pairs still
+# Colour-shape pairs whose *relation* prompts are held out of training (docs/shapes.md#world). The pairs still
 # appear in training as single and count prompts, so held-out prompts test composition, not new words.
 HELDOUT_PAIRS: tuple[tuple[str, str], ...] = (("red", "triangle"), ("blue", "circle"), ("yellow", "square"))
 # For videos the same pairs are held out moving vertically; they still move left/right in training.
@@ -205,7 +205,7 @@ def prompt_specs(kind: str, split: Split) -> list[PromptSpec]:
     return [s for s in all_prompt_specs(kind) if split_of(s) == split]
 
 
-# Share of each kind among image training prompts (SHAPES-NOTES.md §1). Relations dominate because they are
+# Share of each kind among image training prompts (docs/shapes.md#world). Relations dominate because they are
 # the hard, compositional part; singles are learnt almost for free.
 IMAGE_MIX: dict[str, float] = {"single": 0.2, "count": 0.25, "relation": 0.55}
 

@@ -1,4 +1,4 @@
-"""The typed config of one training run, assembled from small sections (STYLE.md §2.4).
+"""The typed config of one training run, assembled from small sections (docs/extending.md#configuration).
 
 A YAML recipe in ``pipelines/`` maps section names to fields; ``visalign train RECIPE key.sub=value`` overrides
 any field. Every field's help string is its only documentation (``visalign train --help-config`` prints them).

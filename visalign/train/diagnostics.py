@@ -1,8 +1,8 @@
-"""Reward-hacking diagnostics logged during training (METHODS.md §15).
+"""Reward-hacking diagnostics logged during training (docs/methods.md#hacking-diagnostics).
 
 Proxy vs held-out eval reward (from the eval pass), reward-variance collapse, within-group diversity, and the
 path KL to the reference (the objective's closed-form KL when β > 0 is logged as ``kl``; the loop also estimates
-the path KL on its own SDE rollouts at every eval, :meth:`visalign.train.loop.Trainer.path_kl`).
+the path KL on its own SDE rollouts at every eval, :meth:`visalign.train.sources.online.OnlineSource.path_kl`).
 """
 
 from __future__ import annotations
@@ -36,9 +36,9 @@ def group_diversity(media: Tensor, group_ids: Tensor, size: int = 16) -> float:
 class CollapseMonitor:
     """Warns when the within-group reward std falls below ``ratio`` × its mean over the first iterations.
 
-    METHODS §15 ("Reward variance collapse"): a collapsing spread within prompt groups signals mode collapse or
-    reward hacking, and also starves group-normalised objectives of signal. ``warned`` counts the warnings, so the
-    loop can print the first one and keep logging the rest as a metric.
+    docs/methods.md#hacking-diagnostics ("Reward variance collapse"): a collapsing spread within prompt groups signals
+    mode collapse or reward hacking, and also starves group-normalised objectives of signal. ``warned`` counts the
+    warnings, so the loop can print the first one and keep logging the rest as a metric.
     """
 
     def __init__(self, ratio: float = 0.2, baseline_iterations: int = 3) -> None:

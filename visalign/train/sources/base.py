@@ -1,4 +1,4 @@
-"""The experience-source contract: where an iteration's batch comes from (docs/extending.md, "An experience source").
+"""The experience-source contract: where an iteration's batch comes from (docs/extending.md#add-a-source).
 
 The engine (``visalign/train/loop.py``) owns parameters, optimizer, EMA, checkpoints and logs; a source owns how
 experience is made — sampling and scoring the model being trained (``online``), reading preference pairs from files
