@@ -63,6 +63,11 @@ OBJECTIVES: dict[str, dict[str, Any]] = {
     # The demo's two stages: GRPO, then DRaFT-K backpropagating the reward's differentiable terms through the last
     # steps of the η = 0 chain (assets/shapes/README.md, Demo, point 22). Rewards without such a term cannot run it.
     "grpo+polish": {"objective": "grpo", "params": {}, "recipe": {"polish_iterations": 40}},
+    # The likelihood-free forward-process objectives (docs/methods.md#nft, docs/methods.md#awm): they train on the
+    # clean final samples, so they sample with the deterministic η = 0 sampler the evaluation uses (DemoConfig's
+    # generic recipe) and re-noise at the levels of the trained steps (the first 3 of 10).
+    "nft": {"objective": "nft", "params": {}, "recipe": {}},
+    "awm": {"objective": "awm", "params": {}, "recipe": {}},
 }
 
 # Per reward: the reward.terms of the training loop; "uncertainty_weights" multiplies each sample's loss by the
@@ -379,7 +384,7 @@ def plot_overoptimisation(cells: list[dict[str, Any]], out: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    markers = dict(zip(OBJECTIVES, "osD^vPX*", strict=True))
+    markers = dict(zip(OBJECTIVES, "osD^vPX*hd", strict=True))
     rewards = sorted({c["reward"] for c in cells})
     colours = {r: plt.get_cmap("tab10")(i % 10) for i, r in enumerate(rewards)}
     fig, axes = plt.subplots(1, 2, figsize=(10, 4.2))

@@ -156,3 +156,51 @@ def test_bad_inputs_name_the_fix(sd, sd3):
     with pytest.raises(ValueError, match="not scheduler timesteps"):
         sd3.denoising_loss(torch.randn(2, 4, 8, 8), _condition(sd3, PROMPTS[:2], 16, 16),
                            timesteps=torch.tensor([500.0, 900.0]))
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
+def test_ddpm_x0_estimate_maps_the_target_to_x0_and_matches_the_ddim_scheduler(prediction_type):
+    """The conversion the forward-process objectives (nft) use: the training target is mapped back to x0 exactly,
+    and an arbitrary output gives the DDIM scheduler's own ``pred_original_sample``."""
+    from diffusers import DDIMScheduler
+
+    from visalign.generators.denoising_loss import ddpm_noised_and_target, ddpm_x0_from_prediction
+
+    scheduler = DDIMScheduler(beta_schedule="squaredcos_cap_v2", prediction_type=prediction_type, clip_sample=False)
+    torch.manual_seed(0)
+    x0, noise, out = torch.randn(3, 4, 8, 8), torch.randn(3, 4, 8, 8), torch.randn(3, 4, 8, 8)
+    t = torch.tensor([5, 480, 930])
+    noisy, target = ddpm_noised_and_target(x0, noise, t, scheduler.alphas_cumprod, prediction_type)
+    recovered = ddpm_x0_from_prediction(noisy, target, t, scheduler.alphas_cumprod, prediction_type)
+    torch.testing.assert_close(recovered, x0, rtol=1e-4, atol=1e-4)
+    scheduler.set_timesteps(20)
+    for i, step in enumerate(t.tolist()):
+        expected = scheduler.step(out[i:i + 1], step, noisy[i:i + 1]).pred_original_sample
+        got = ddpm_x0_from_prediction(noisy[i:i + 1], out[i:i + 1], t[i:i + 1], scheduler.alphas_cumprod,
+                                      prediction_type)
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_adapters_convert_their_own_predictions_to_x0_and_report_sampling_levels(sd, sd3):
+    """SD (DDPM ε) and SD3 (flow v): ``x0_from_prediction`` of the target at ``noise_latents``' input is x0; of the
+    denoiser's output it is the sampler's one-step estimate; ``step_noise_levels`` are the rollout's own levels."""
+    for gen, x0, size in ((sd, torch.randn(2, 4, 16, 16), 32), (sd3, torch.randn(2, 4, 8, 8), 16)):
+        cond = _condition(gen, PROMPTS[:2], size, size)
+        noised = gen.noise_latents(x0, generator=torch.Generator().manual_seed(3))
+        torch.testing.assert_close(gen.x0_from_prediction(noised.noisy, noised.target, noised.timesteps), x0,
+                                   rtol=1e-4, atol=1e-4)
+        with torch.no_grad():
+            loss = gen.denoising_loss(x0, cond, timesteps=noised.timesteps, noise=noised.noise)
+            pred = gen.training_prediction(noised, cond)
+        torch.testing.assert_close(loss.loss, ((pred.float() - noised.target) ** 2).flatten(1).mean(1))
+    rollout = sd.rollout(PROMPTS[:1], steps=4, guidance=1.0, eta=1.0, seed=0)
+    assert torch.equal(sd.step_noise_levels(rollout), rollout.timesteps.long())
+    step = sd.recompute_step(rollout, 1)
+    with torch.no_grad():
+        pred = sd.denoise(rollout.latents[:, 1], rollout.timesteps[1], rollout.condition, 1.0)
+    level = sd.step_noise_levels(rollout)[1:2]
+    torch.testing.assert_close(sd.x0_from_prediction(rollout.latents[:, 1], pred, level), step.x0, rtol=1e-4,
+                               atol=1e-4)
+    flow = sd3.rollout(PROMPTS[:1], steps=3, guidance=1.0, eta=0.0, seed=0, height=16, width=16)
+    torch.testing.assert_close(sd3.step_noise_levels(flow), flow.schedule["sigmas"][:-1])
+    assert float(sd3.step_noise_levels(flow)[0]) > float(sd3.step_noise_levels(flow)[-1]) > 0

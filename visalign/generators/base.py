@@ -30,7 +30,13 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from visalign.generators.denoising_loss import DenoisingLoss, GeneratorLike, draw_noise, per_sample_mse
+from visalign.generators.denoising_loss import (
+    DenoisingLoss,
+    GeneratorLike,
+    NoisedLatents,
+    draw_noise,
+    per_sample_mse,
+)
 from visalign.generators.rollout import (  # noqa: F401 -- re-exported: the contract's data lives there
     DTYPES,
     REDUCTIONS,
@@ -161,6 +167,16 @@ class GeneratorAdapter:
     def noised_and_target(self, x0: Tensor, noise: Tensor, timesteps: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """``(x_t, target, denoiser_timesteps)`` (float32, float32, ``[B]``) for training (to implement)."""
         raise NotImplementedError
+
+    def x0_from_prediction(self, noisy: Tensor, prediction: Tensor, timesteps: Tensor) -> Tensor:
+        """The clean-sample estimate ``x̂0`` float32 ``[B, ...]`` of a denoiser output at ``noisy``, ``timesteps``
+        ``[B]`` in training units (to implement; the formulas are in :mod:`visalign.generators.denoising_loss`)."""
+        raise NotImplementedError(f"{type(self).__name__} does not convert its predictions to x0 estimates.")
+
+    def step_noise_levels(self, rollout: Rollout) -> Tensor:
+        """``[S]``, the noise level each rollout step starts from, in training units (long DDPM ``t``, float flow
+        ``s``), so a forward-process objective can train at the levels the sampler visits (to implement)."""
+        raise NotImplementedError(f"{type(self).__name__} does not report its sampling noise levels.")
 
     def transition(self, plan: SamplingPlan, latents: Tensor, step_index: int, *, prev_sample: Tensor | None = None,
                    noise: Tensor | None = None) -> StepOutput:
@@ -299,10 +315,20 @@ class GeneratorAdapter:
             :class:`DenoisingLoss`: ``loss`` float32 ``[B]`` (mean over elements), the ``timesteps`` and ``noise``
             used, so the same value can be recomputed exactly.
         """
+        noised = self.noise_latents(latents, timesteps=timesteps, noise=noise, generator=generator)
+        prediction = self.training_prediction(noised, condition)
+        return DenoisingLoss(per_sample_mse(prediction, noised.target), noised.timesteps, noised.noise)
+
+    def noise_latents(self, latents: Tensor, *, timesteps: Tensor | Sequence[float] | None = None,
+                      noise: Tensor | None = None, generator: GeneratorLike = None) -> NoisedLatents:
+        """The forward process of :meth:`denoising_loss` alone: ``x0`` moved to one noise level per sample.
+
+        Args and draw order as :meth:`denoising_loss` (timesteps first, then noise), so the two replay each other.
+
+        Returns:
+            :class:`~visalign.generators.denoising_loss.NoisedLatents` (float32, on this adapter's device).
+        """
         batch = latents.shape[0]
-        if condition.embeds.shape[0] != batch:
-            raise ValueError(f"condition has {condition.embeds.shape[0]} rows but latents have {batch}; pass "
-                             "condition.select(index) with the same samples as the latents.")
         latents = latents.to(self.device)
         if timesteps is None:
             timesteps = self.training_timesteps(latents, generator)
@@ -314,10 +340,24 @@ class GeneratorAdapter:
             raise ValueError(f"noise has shape {tuple(noise.shape)} but latents {tuple(latents.shape)}; they must "
                              "match (reuse DenoisingLoss.noise from a call on the same latents).")
         noise = noise.to(self.device, torch.float32)
-        noisy, target, model_timesteps = self.noised_and_target(latents.float(), noise, timesteps)
+        x0 = latents.float()
+        noisy, target, model_timesteps = self.noised_and_target(x0, noise, timesteps)
+        return NoisedLatents(x0, noisy, target, timesteps, model_timesteps, noise)
+
+    def training_prediction(self, noised: NoisedLatents, condition: Condition) -> Tensor:
+        """The denoiser's conditional output at ``noised.noisy`` (no CFG, ``loss_guidance``), ``[B, ...]`` in the
+        denoiser's parameterisation; gradients follow torch's grad mode.
+
+        Args:
+            noised: from :meth:`noise_latents`.
+            condition: B rows of conditional embeddings; negative embeddings, if any, are ignored.
+        """
+        batch = len(noised)
+        if condition.embeds.shape[0] != batch:
+            raise ValueError(f"condition has {condition.embeds.shape[0]} rows but latents have {batch}; pass "
+                             "condition.select(index) with the same samples as the latents.")
         conditional = Condition(condition.embeds, None, dict(condition.extras))
-        prediction = self.denoise(noisy.to(self.dtype), model_timesteps, conditional, self.loss_guidance)
-        return DenoisingLoss(per_sample_mse(prediction, target), timesteps, noise)
+        return self.denoise(noised.noisy.to(self.dtype), noised.model_timesteps, conditional, self.loss_guidance)
 
     # -- parameters --
     @property

@@ -36,6 +36,7 @@ from visalign.generators.denoising_loss import (
     GeneratorLike,
     check_timesteps,
     ddpm_noised_and_target,
+    ddpm_x0_from_prediction,
     draw_ddpm_timesteps,
 )
 from visalign.media import from_vae_range
@@ -140,6 +141,14 @@ class CogVideoXAdapter(GeneratorAdapter):
         noisy, target = ddpm_noised_and_target(x0, noise, timesteps, self.pipeline.scheduler.alphas_cumprod,
                                                "v_prediction")
         return noisy, target, timesteps
+
+    def x0_from_prediction(self, noisy: Tensor, prediction: Tensor, timesteps: Tensor) -> Tensor:
+        return ddpm_x0_from_prediction(noisy, prediction, timesteps, self.pipeline.scheduler.alphas_cumprod,
+                                       "v_prediction")
+
+    def step_noise_levels(self, rollout: Any) -> Tensor:
+        """The DDIM timesteps themselves (training units already)."""
+        return rollout.timesteps.long()
 
     def transition(self, plan: SamplingPlan, latents: Tensor, step_index: int, *, prev_sample: Tensor | None = None,
                    noise: Tensor | None = None) -> StepOutput:

@@ -1,8 +1,8 @@
 """The per-sample denoising loss: the training objective a diffusion or flow model was pre-trained with.
 
 Offline and set-based objectives (Diffusion-DPO and its flow port, docs/methods.md#diffusion-dpo; DRAGON's DPO/KTO
-surrogates, #dragon; RAFT's supervised step, #raft) do not use rollout log-probs: they compare how well the model (and
-a frozen reference) denoises a clean sample at a random noise level. This file holds the family-independent pieces;
+surrogates, §5; RAFT's supervised step, §10a) do not use rollout log-probs: they compare how well the model (and a
+frozen reference) denoises a clean sample at a random noise level. This file holds the family-independent pieces;
 :meth:`visalign.generators.base.GeneratorAdapter.denoising_loss` assembles them with the family's own denoiser call.
 
 - DDPM (UNet families, CogVideoX): ``t ~ U{0..T−1}``, ``x_t = sqrt(ᾱ_t)·x0 + sqrt(1−ᾱ_t)·ε`` (the scheduler's
@@ -17,6 +17,11 @@ a frozen reference) denoises a clean sample at a random noise level. This file h
 
 The sample ``ε`` and the noise level are returned so a second call (the LoRA-disabled reference, the other item of a
 DPO pair) can reuse them exactly.
+
+The denoiser's output converts to a clean-sample estimate ``x̂0`` at the same ``x_t`` (the forward-process objectives
+DiffusionNFT and AWM, docs/methods.md#nft, compare or mix predictions there): DDPM ε: ``x̂0 = (x_t − sqrt(1−ᾱ)·ε̂) /
+sqrt(ᾱ)``; v: ``x̂0 = sqrt(ᾱ)·x_t − sqrt(1−ᾱ)·v̂``; x0: ``x̂0 = ŷ``; flow: ``x̂0 = x_s − s·v̂``. Each is affine in the
+prediction, and the training target maps to ``x0`` exactly.
 """
 
 from __future__ import annotations
@@ -45,6 +50,36 @@ class DenoisingLoss:
     loss: Tensor
     timesteps: Tensor
     noise: Tensor
+
+
+@dataclass
+class NoisedLatents:
+    """Clean latents moved by the forward process to one noise level each (the input of one training prediction).
+
+    Attributes:
+        x0: float32 ``[B, ...]``, the clean latents.
+        noisy: float32 ``[B, ...]``, ``x_t`` (DDPM) or ``x_s`` (flow).
+        target: float32 ``[B, ...]``, the pre-training target at ``noisy`` (ε, v or x0; flow ``ε − x0``).
+        timesteps: ``[B]`` noise levels in the family's training units (long DDPM ``t`` or float flow ``s``).
+        model_timesteps: ``[B]``, the same levels in the units the denoiser takes.
+        noise: float32 ``[B, ...]``, the standard-normal ε used.
+    """
+
+    x0: Tensor
+    noisy: Tensor
+    target: Tensor
+    timesteps: Tensor
+    model_timesteps: Tensor
+    noise: Tensor
+
+    def __len__(self) -> int:
+        return int(self.x0.shape[0])
+
+    def select(self, index: Sequence[int]) -> NoisedLatents:
+        """The rows at ``index`` (micro-batches)."""
+        idx = list(index)
+        return NoisedLatents(self.x0[idx], self.noisy[idx], self.target[idx], self.timesteps[idx],
+                             self.model_timesteps[idx], self.noise[idx])
 
 
 def _draw(generator: GeneratorLike, batch: int, device: torch.device, draw) -> Tensor:
@@ -159,3 +194,34 @@ def flow_noised_and_target(x0: Tensor, noise: Tensor, sigmas: Tensor) -> tuple[T
 def per_sample_mse(prediction: Tensor, target: Tensor) -> Tensor:
     """float32 ``[B]``: mean over non-batch elements of ``(prediction − target)²`` (computed in float32)."""
     return ((prediction.float() - target.float()) ** 2).flatten(1).mean(dim=1)
+
+
+def ddpm_x0_from_prediction(noisy: Tensor, prediction: Tensor, timesteps: Tensor, alphas_cumprod: Tensor,
+                            prediction_type: str) -> Tensor:
+    """The clean-sample estimate ``x̂0`` float32 ``[B, ...]`` of a DDPM denoiser output at ``x_t`` (diffusers'
+    DDIMScheduler.step, step 3, with a per-sample ``t``).
+
+    Args:
+        noisy: ``x_t`` ``[B, ...]``; prediction: the denoiser output, same shape.
+        timesteps: long ``[B]`` in ``[0, T−1]``.
+        alphas_cumprod: float ``[T]``, the scheduler's ``ᾱ``.
+        prediction_type: "epsilon", "v_prediction" or "sample".
+    """
+    acp = alphas_cumprod.to(device=noisy.device, dtype=torch.float32)[timesteps]
+    sqrt_a = _per_sample(acp.sqrt(), noisy.ndim)
+    sqrt_1ma = _per_sample((1 - acp).sqrt(), noisy.ndim)
+    x_t, out = noisy.float(), prediction.float()
+    if prediction_type == "epsilon":
+        return (x_t - sqrt_1ma * out) / sqrt_a
+    if prediction_type == "v_prediction":
+        return sqrt_a * x_t - sqrt_1ma * out
+    if prediction_type == "sample":
+        return out
+    raise ValueError(f"prediction_type {prediction_type!r} has no x0 estimate here; use 'epsilon', 'v_prediction' "
+                     "or 'sample'.")
+
+
+def flow_x0_from_prediction(noisy: Tensor, prediction: Tensor, sigmas: Tensor) -> Tensor:
+    """``x̂0 = x_s − s·v̂`` float32 ``[B, ...]`` of a rectified-flow velocity ``v̂`` at ``x_s`` (``sigmas`` float
+    ``[B]`` in [0, 1])."""
+    return noisy.float() - _per_sample(sigmas.float(), noisy.ndim) * prediction.float()

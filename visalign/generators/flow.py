@@ -33,9 +33,10 @@ from visalign.generators.denoising_loss import (
     check_timesteps,
     draw_logit_normal,
     flow_noised_and_target,
+    flow_x0_from_prediction,
 )
 from visalign.generators.flow_sde import LOGP_MODES, SDE_MODES, sde_step
-from visalign.generators.rollout import check_sde_window, sde_window_mask
+from visalign.generators.rollout import Rollout, check_sde_window, sde_window_mask
 from visalign.media import from_vae_range
 
 
@@ -152,6 +153,13 @@ class FlowMatchingAdapter(GeneratorAdapter):
         noisy, target = flow_noised_and_target(x0, noise, timesteps)
         # The transformers take the scheduler's timestep units, s·T_train (FLUX divides by 1000 again inside denoise).
         return noisy, target, timesteps * self.pipeline.scheduler.config.num_train_timesteps
+
+    def x0_from_prediction(self, noisy: Tensor, prediction: Tensor, timesteps: Tensor) -> Tensor:
+        return flow_x0_from_prediction(noisy, prediction, timesteps)
+
+    def step_noise_levels(self, rollout: Rollout) -> Tensor:
+        """The sigma each step starts from, ``s`` float32 (the schedule's ``sigmas[:-1]``)."""
+        return rollout.schedule["sigmas"][:-1].float()
 
     def transition(self, plan: SamplingPlan, latents: Tensor, step_index: int, *, prev_sample: Tensor | None = None,
                    noise: Tensor | None = None) -> StepOutput:

@@ -29,9 +29,10 @@ from visalign.generators.denoising_loss import (
     GeneratorLike,
     check_timesteps,
     ddpm_noised_and_target,
+    ddpm_x0_from_prediction,
     draw_ddpm_timesteps,
 )
-from visalign.generators.rollout import check_sde_window, sde_window_mask
+from visalign.generators.rollout import Rollout, check_sde_window, sde_window_mask
 from visalign.media import from_vae_range, to_vae_range
 
 
@@ -115,6 +116,15 @@ class DDIMUNetAdapter(GeneratorAdapter):
         noisy, target = ddpm_noised_and_target(x0, noise, timesteps, scheduler.alphas_cumprod,
                                                scheduler.config.prediction_type)
         return noisy, target, timesteps
+
+    def x0_from_prediction(self, noisy: Tensor, prediction: Tensor, timesteps: Tensor) -> Tensor:
+        scheduler = self.pipeline.scheduler
+        return ddpm_x0_from_prediction(noisy, prediction, timesteps, scheduler.alphas_cumprod,
+                                       scheduler.config.prediction_type)
+
+    def step_noise_levels(self, rollout: Rollout) -> Tensor:
+        """The DDIM timesteps themselves (training units already)."""
+        return rollout.timesteps.long()
 
     def transition(self, plan: SamplingPlan, latents: Tensor, step_index: int, *, prev_sample: Tensor | None = None,
                    noise: Tensor | None = None) -> StepOutput:

@@ -100,6 +100,12 @@ class Objective:
         (and checks it can return gradients) and passes them in ``ctx.scorers``. None by default."""
         return {}
 
+    def sampling_weights(self) -> dict[str, Tensor] | None:
+        """Trainable weights (by ``denoiser.named_parameters()`` name) the engine swaps in while the source makes the
+        next batch: an off-policy objective's sampling policy (DiffusionNFT's EMA ``θ_old``). None (the default):
+        sample with the current weights."""
+        return None
+
     def state_tensors(self) -> dict[str, Tensor]:
         """Tensors the objective carries across iterations (saved in checkpoints); none by default."""
         return {}
@@ -124,12 +130,14 @@ OBJECTIVES: Registry[type[Objective]] = Registry("objective", builtin={
     "refl": "visalign.objectives.reward_backprop:ReflObjective",
     "diffusion-dpo": "visalign.objectives.diffusion_dpo:DiffusionDpoObjective",
     "rpo-harmonic": "visalign.objectives.rpo_harmonic:RpoHarmonicObjective",
+    "nft": "visalign.objectives.nft:NftObjective",
+    "awm": "visalign.objectives.awm:AwmObjective",
 })
 
 
 def build_objective(name: str, params: dict[str, Any] | None = None) -> Objective:
     """An objective by id (``grpo``, ``prdp``, ``dragon``, ``raft``, ``draft``, ``alignprop``, ``refl``,
-    ``diffusion-dpo``, ``rpo-harmonic``) or ``"pkg.module:Class"``."""
+    ``diffusion-dpo``, ``rpo-harmonic``, ``nft``, ``awm``) or ``"pkg.module:Class"``."""
     return OBJECTIVES.get(name)(params)
 
 

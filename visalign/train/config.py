@@ -95,7 +95,8 @@ class RewardConfig:
 @dataclass
 class ObjectiveConfig:
     name: str = field(default="grpo", metadata={"help": "Objective id: grpo, prdp, dragon, raft, draft, alignprop, "
-                                                        "refl, diffusion-dpo, rpo-harmonic (or pkg.module:Class)."})
+                                                        "refl, diffusion-dpo, rpo-harmonic, nft, awm (or "
+                                                        "pkg.module:Class)."})
     params: dict[str, Any] = field(default_factory=dict, metadata={
         "help": "Objective hyper-parameters: the fields of the objective's Params (listed by --help-config)."})
     pareto: bool | None = field(default=None, metadata={"help": "Deprecated: use reward.pareto."})

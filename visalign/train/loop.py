@@ -238,6 +238,17 @@ class Trainer:
             yield
 
     @contextlib.contextmanager
+    def _sampling_weights(self) -> Iterator[None]:
+        """Inside the block the trainable weights are the objective's sampling policy
+        (:meth:`~visalign.objectives.base.Objective.sampling_weights`; a no-op for on-policy objectives)."""
+        weights = self.objective.sampling_weights()
+        if weights is None:
+            yield
+            return
+        with self._swapped(weights):
+            yield
+
+    @contextlib.contextmanager
     def _swapped(self, weights: dict[str, torch.Tensor]) -> Iterator[None]:
         """Inside the block the trainable weights are ``weights`` (copied in); the current ones come back on exit."""
         saved = {n: p.detach().clone() for n, p in self.params.items()}
@@ -420,7 +431,8 @@ class Trainer:
     def one_iteration(self) -> dict[str, float]:
         """Source → update once; log and return the iteration's metrics."""
         t0 = time.perf_counter()
-        batch = self.source.next()
+        with self._sampling_weights():
+            batch = self.source.next()
         t1 = time.perf_counter()
         update = self.update(batch)
         t2 = time.perf_counter()
