@@ -90,6 +90,20 @@ class RewardConfig:
                                                           "(over the reward terms) carry the update."})
     uncertainty_weights: bool = field(default=True, metadata={
         "help": "Multiply per-sample losses by extras['weight'] of uncertainty-aware scorers when present."})
+    dtype: str = field(default="float32", metadata={"help": "Compute dtype of the scorers: float32, bfloat16 or "
+                                                            "float16 (rewards are float32 either way)."})
+    retries: int = field(default=2, metadata={"help": "A scorer that raises (a flaky server) is called again this "
+                                                      "many times, with backoff, before its step is skipped "
+                                                      "(docs/architecture.md#faults)."})
+    retry_backoff_s: float = field(default=1.0, metadata={"help": "Wait before the first retry, doubled per retry."})
+    max_consecutive_skips: int = field(default=3, metadata={
+        "help": "More steps skipped in a row than this stop the run with the scorer's error."})
+
+    def __post_init__(self) -> None:
+        if self.dtype not in ("float32", "bfloat16", "float16"):
+            raise ValueError(f"reward.dtype is {self.dtype!r}; use float32, bfloat16 or float16.")
+        if self.retries < 0 or self.retry_backoff_s < 0 or self.max_consecutive_skips < 0:
+            raise ValueError("reward.retries, reward.retry_backoff_s and reward.max_consecutive_skips must be >= 0.")
 
 
 @dataclass

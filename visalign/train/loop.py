@@ -40,6 +40,7 @@ from visalign.train.checkpoint import checkpoint_dir, latest_checkpoint, load_ch
 from visalign.train.config import TrainConfig
 from visalign.train.distributed import Distributed, GradientSync, build_accelerator, mean_over_processes
 from visalign.train.evaluate import Evaluator
+from visalign.train.faults import StepSkipped, StopRequest, config_changes, stop_on_signals
 from visalign.train.logging import RunLogger
 from visalign.train.sources import SourceContext, check_compatible, source_class
 from visalign.train.sources.online import TrainingError, stochastic_steps
@@ -92,6 +93,8 @@ class Trainer:
         self.first_eval: dict[str, float] = {}
         self.early_stop = {"best": None, "since_best": 0, "stopped": False}
         self.best_params: dict[str, torch.Tensor] | None = None
+        self.skipped_steps = 0  # iterations skipped because their scorer kept failing (docs/architecture.md#faults)
+        self.stopped_by = ""  # the signal that ended the run early, if one did
 
     # ------------------------------------------------------------ building
 
@@ -284,17 +287,28 @@ class Trainer:
             state = {"iteration": self.iteration, "optimizer_steps": self.optimizer_steps,
                      "scheduler": self.scheduler.state_dict(), "source": self.source.state_dict(),
                      "reward": _state(self.reward), "eval_reward": _state(self.eval_reward),
-                     "first_eval": self.first_eval, "early_stop": self.early_stop}
+                     "first_eval": self.first_eval, "early_stop": self.early_stop,
+                     "skipped_steps": self.skipped_steps, "config": to_dict(self.config)}
             if self.dist.multi:
                 state["num_processes"] = self.dist.num_processes
                 state["reward_other_ranks"] = [g[1] for g in gathered[1:]]
-            path = save_checkpoint(self.run_dir, self.iteration, params=self.params, optimizer=self.optimizer,
-                                   extra_tensors=extra, state=state, keep_last=self.config.run.keep_last)
+            try:
+                path = save_checkpoint(self.run_dir, self.iteration, params=self.params, optimizer=self.optimizer,
+                                       extra_tensors=extra, state=state, keep_last=self.config.run.keep_last)
+            except OSError as err:  # disk full, quota: the half-written folder is gone, the previous one intact
+                previous = latest_checkpoint(self.run_dir)
+                kept = f"the previous checkpoint {previous.name} is intact" if previous else "there is no earlier one"
+                raise TrainingError(f"Could not write checkpoint {path.name} ({err.strerror or err}); {kept}. Free "
+                                    "space (or lower run.keep_last) and re-run the same command to resume.") from None
         self.dist.wait()
         return path
 
-    def resume(self) -> bool:
+    def resume(self, resume_changed: bool = False) -> bool:
         """Restore the newest complete checkpoint of ``run.output_dir``; False when there is none.
+
+        A checkpoint written with a different recipe (other than its length and logging,
+        :data:`~visalign.train.faults.RESUMABLE_CHANGES`) is refused with the differences, unless
+        ``resume_changed`` (then they are printed as a warning and the run continues with the new recipe).
 
         Restores weights, optimizer (AdamW moments and step counts), LR schedule, EMA, RNG state, the source's
         state (prompt-stream or pair position, the diagnostics' baselines), stateful reward transforms; metrics rows
@@ -306,6 +320,16 @@ class Trainer:
         if path is None:
             return False
         params, optimizer, extra, state = load_checkpoint(path)
+        changes = config_changes(state["config"], to_dict(self.config)) if "config" in state else []
+        if changes:
+            more = f"\n  ... and {len(changes) - 20} more" if len(changes) > 20 else ""
+            listed = "\n  ".join(changes[:20]) + more
+            if not resume_changed:
+                raise TrainingError(f"The recipe differs from the one checkpoint {path} was written with:\n  "
+                                    f"{listed}\nResume with --resume-changed to continue with the new values anyway, "
+                                    "start over with --no-resume, or pick another run.output_dir.")
+            if self.dist.is_main:
+                self._write(f"warning: resuming {path} with a changed recipe (--resume-changed):\n  {listed}")
         missing = sorted(set(self.params) - set(params))
         reshaped = sorted(n for n in set(self.params) & set(params) if params[n].shape != self.params[n].shape)
         if missing or reshaped:
@@ -331,6 +355,7 @@ class Trainer:
         self.optimizer_steps = int(state["optimizer_steps"])
         self.first_eval = dict(state.get("first_eval", {}))
         self.early_stop = dict(state.get("early_stop", self.early_stop))
+        self.skipped_steps = int(state.get("skipped_steps", 0))
         best = {n: extra[f"best.{n}"].clone() for n in self.params if f"best.{n}" in extra}
         self.best_params = best or None
         rows = truncate_metrics(self.run_dir, self.iteration) if self.dist.is_main else None
@@ -354,13 +379,21 @@ class Trainer:
 
     # ------------------------------------------------------------ the loop
 
-    def run(self, resume: bool = True) -> dict[str, Any]:
-        """Train for ``run.iterations`` iterations (continuing a checkpoint when ``resume``); return the summary."""
+    def run(self, resume: bool = True, resume_changed: bool = False) -> dict[str, Any]:
+        """Train for ``run.iterations`` iterations (continuing a checkpoint when ``resume``); return the summary.
+
+        SIGTERM / SIGINT end the run after the iteration in flight, at a checkpoint (docs/architecture.md#faults):
+        the summary then has ``stopped_by`` set and no final weights are written; running again resumes.
+        """
+        with stop_on_signals() as stop:
+            return self._run(resume, resume_changed, stop)
+
+    def _run(self, resume: bool, resume_changed: bool, stop: StopRequest) -> dict[str, Any]:
         from tqdm import tqdm
 
         r = self.config.run
         main = self.dist.is_main
-        resumed = self.resume() if resume else False
+        resumed = self.resume(resume_changed) if resume else False
         if main:  # one writer: the other processes log nothing and save nothing
             if not resumed:
                 (self.run_dir / "metrics.jsonl").unlink(missing_ok=True)
@@ -382,11 +415,17 @@ class Trainer:
                 shown = metrics.get("reward", metrics.get("loss"))
                 if shown is not None:
                     self.bar.set_postfix(reward=f"{shown:.4f}", refresh=False)
+                signalled = self._stop_requested(stop)
                 if (self.iteration % r.checkpoint_every == 0 or self.iteration == r.iterations
-                        or self.early_stop["stopped"]):
+                        or self.early_stop["stopped"] or signalled):
                     self.save_checkpoint()
+                if signalled:
+                    self.stopped_by = signalled
+                    break
         finally:
             self.bar.close()
+        if self.stopped_by:
+            return self._stopped_summary()
         if self.early_stop["stopped"] and main:
             self._write(f"early stop at iteration {self.iteration}: {self.config.eval.early_stop_metric} has not "
                         f"improved on {self.early_stop['best']:.4f} for {self.early_stop['since_best']} evaluations.")
@@ -398,6 +437,24 @@ class Trainer:
                 self.logger.log(self.iteration, final_eval)
             with self._final_weights():
                 self.adapter.save(self.run_dir / "final")
+            (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+            self.logger.close()
+        self.dist.wait()
+        return summary
+
+    def _stop_requested(self, stop: StopRequest) -> str:
+        """The name of the stop signal any process got ("" when none): every process stops at the same step."""
+        names = self.dist.gather_objects(stop.name)
+        return next((n for n in names if n), "")
+
+    def _stopped_summary(self) -> dict[str, Any]:
+        """The summary of a run stopped by a signal at a checkpoint (no final evaluation or weights)."""
+        summary = self._summary(self.history, self.first_eval, {})
+        summary.update(stopped_by=self.stopped_by, final_weights=None,
+                       checkpoint=str(latest_checkpoint(self.run_dir)))
+        if self.dist.is_main:
+            self._write(f"{self.stopped_by}: stopped after iteration {self.iteration} at checkpoint "
+                        f"{summary['checkpoint']}; run the same command again to resume.")
             (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
             self.logger.close()
         self.dist.wait()
@@ -431,8 +488,15 @@ class Trainer:
     def one_iteration(self) -> dict[str, float]:
         """Source → update once; log and return the iteration's metrics."""
         t0 = time.perf_counter()
+        failure = ""
         with self._sampling_weights():
-            batch = self.source.next()
+            try:
+                batch = self.source.next()
+            except StepSkipped as err:
+                failure = str(err)
+        failures = self.dist.gather_objects(failure)  # a step skipped on one process is skipped on all
+        if any(failures):
+            return self._skip_iteration(next(f for f in failures if f))
         t1 = time.perf_counter()
         update = self.update(batch)
         t2 = time.perf_counter()
@@ -454,6 +518,20 @@ class Trainer:
             grid = self.source.grid(batch)
             if self.config.run.grid_every and self.iteration % self.config.run.grid_every == 0 and grid is not None:
                 self.logger.grid(self.iteration, grid[0], columns=grid[1], tag="train")
+            self.logger.log(self.iteration, metrics)
+        return metrics
+
+    def _skip_iteration(self, failure: str) -> dict[str, float]:
+        """Skip an iteration whose scoring kept failing: no update; the iteration number (hence every seed) still
+        advances, so the steps after it are those an uninterrupted run would make."""
+        self.iteration += 1
+        self.skipped_steps += 1
+        if self.dist.is_main:
+            self._write(f"warning: iteration {self.iteration} skipped, scoring failed after "
+                        f"{self.config.reward.retries} retries ({failure}); {self.skipped_steps} skipped so far.")
+        metrics = {"step_skipped": 1.0, "skipped_steps": float(self.skipped_steps),
+                   "lr": self.scheduler.get_last_lr()[0]}
+        if self.logger is not None:
             self.logger.log(self.iteration, metrics)
         return metrics
 
@@ -482,6 +560,7 @@ class Trainer:
                    "nan_dropped": int(sum(r.get("nan_dropped") or 0 for r in history)),
                    "eval_before": first, "eval_after": last,
                    "collapse_warnings": int(sum(r.get("collapse_warning") or 0 for r in history)),
+                   "skipped_steps": self.skipped_steps,
                    "final_weights": str(self.run_dir / "final")}
         if self.config.eval.early_stop_metric is not None:
             summary["early_stop"] = dict(self.early_stop)
