@@ -19,6 +19,10 @@ from visalign.rewards.advantages import AdvantageConfig
 class ModelConfig:
     model: str = field(default="", metadata={"help": "Generator: a hub id or a local diffusers pipeline folder."})
     dtype: str = field(default="float32", metadata={"help": "Compute dtype: float32, bfloat16 or float16."})
+    mixed_precision: str | None = field(default=None, metadata={
+        "help": "no | bf16 | fp16: autocast of the denoiser with float32 trainable weights (fp16 with loss "
+                "scaling; a float16 model.dtype gets the scaling too). null = accelerate launch --mixed_precision "
+                "(docs/architecture.md#scale)."})
     device: str = field(default="cpu", metadata={"help": "Device for the generator and scorers (cpu, cuda)."})
     lora_rank: int = field(default=8, metadata={"help": "LoRA rank r; 0 fine-tunes the whole denoiser instead."})
     lora_alpha: float = field(default=8.0, metadata={"help": "LoRA alpha (the update is scaled by alpha / rank)."})

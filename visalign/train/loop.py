@@ -42,6 +42,7 @@ from visalign.train.distributed import Distributed, GradientSync, build_accelera
 from visalign.train.evaluate import Evaluator
 from visalign.train.faults import StepSkipped, StopRequest, config_changes, stop_on_signals
 from visalign.train.logging import RunLogger
+from visalign.train.precision import Precision, check_launch_settings, resolve_precision
 from visalign.train.sources import SourceContext, check_compatible, source_class
 from visalign.train.sources.online import TrainingError, stochastic_steps
 
@@ -57,13 +58,15 @@ class Trainer:
 
     def __init__(self, config: TrainConfig) -> None:
         self.config = config
+        check_launch_settings()  # before accelerate reads them: a setting the loop cannot honour is refused
+        m = config.model
+        precision = resolve_precision(m.mixed_precision, m.dtype, full_finetune=m.lora_rank == 0)
         self.dist = Distributed(build_accelerator(config.model.device))
         self.run_dir = Path(config.run.output_dir)
         _check_writable(self.run_dir)
         if config.run.wandb and importlib.util.find_spec("wandb") is None:
             raise TrainingError("run.wandb is true but wandb is not installed: pip install wandb, or set "
                                 "run.wandb=false (metrics.jsonl and TensorBoard are written either way).")
-        m = config.model
         # A bare "cuda" means this process's own GPU under accelerate launch (cuda:LOCAL_RANK).
         device = str(self.dist.device) if m.device == "cuda" else m.device
         self.objective = build_objective(config.objective.name, config.objective.params)
@@ -72,7 +75,7 @@ class Trainer:
         r = config.reward
         self.reward = (RewardSpec.from_config({"terms": r.terms, "aggregation": r.aggregation,
                                                "advantage": r.advantage, "device": device, "pareto": r.pareto,
-                                               "uncertainty_weights": r.uncertainty_weights})
+                                               "uncertainty_weights": r.uncertainty_weights, "dtype": r.dtype})
                        if r.terms else None)
         self.eval_reward = (RewardSpec.from_config({"terms": config.eval.scorers, "device": device})
                             if config.eval.scorers else self.reward)
@@ -86,7 +89,9 @@ class Trainer:
         torch.manual_seed(config.run.seed)  # the same on every process: LoRA initialises identically
         self.adapter = load_generator(m.model, dtype=m.dtype, device=device)
         self.source.attach(self.adapter)
+        self.precision = Precision(precision, torch.device(device))
         self._setup_training(m)
+        self.precision.wrap(self.adapter.denoiser)
         self.optimizer_steps = 0
         self.logger: RunLogger | None = None
         self.history: list[dict[str, float]] = []
@@ -177,11 +182,9 @@ class Trainer:
     def _optimizer_step(self) -> float:
         """Clip, step the optimizer, LR schedule and EMA, zero the gradients (called by :class:`GradientSync` with
         the mean, cross-process gradient in ``.grad``); returns the pre-clip global grad norm."""
-        params = list(self.params.values())
-        max_norm = self.config.optim.max_grad_norm
-        norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
-        self.optimizer.step()
-        self.scheduler.step()
+        norm = self.precision.step(self.optimizer, list(self.params.values()), self.config.optim.max_grad_norm)
+        if not self.precision.last_skipped:  # an fp16 overflow skipped the step: the schedule waits too
+            self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.optimizer_steps += 1
         if self.ema is not None:
@@ -189,7 +192,7 @@ class Trainer:
             with torch.no_grad():
                 for name, p in self.params.items():
                     self.ema[name].mul_(decay).add_(p.detach(), alpha=1 - decay)
-        return float(norm)
+        return norm
 
     # ------------------------------------------------------------ evaluation
 
@@ -288,7 +291,8 @@ class Trainer:
                      "scheduler": self.scheduler.state_dict(), "source": self.source.state_dict(),
                      "reward": _state(self.reward), "eval_reward": _state(self.eval_reward),
                      "first_eval": self.first_eval, "early_stop": self.early_stop,
-                     "skipped_steps": self.skipped_steps, "config": to_dict(self.config)}
+                     "skipped_steps": self.skipped_steps, "config": to_dict(self.config),
+                     "precision": self.precision.state_dict()}
             if self.dist.multi:
                 state["num_processes"] = self.dist.num_processes
                 state["reward_other_ranks"] = [g[1] for g in gathered[1:]]
@@ -320,6 +324,14 @@ class Trainer:
         if path is None:
             return False
         params, optimizer, extra, state = load_checkpoint(path)
+        missing = sorted(set(self.params) - set(params))
+        reshaped = sorted(n for n in set(self.params) & set(params) if params[n].shape != self.params[n].shape)
+        if missing or reshaped:
+            example = (f"missing {missing[:2]}" if missing else
+                       f"{reshaped[0]} has shape {tuple(params[reshaped[0]].shape)}")
+            raise TrainingError(f"Checkpoint {path} does not fit this model ({example}); it was written by a "
+                                "different model or LoRA configuration (e.g. model.lora_rank). Start over with "
+                                "--no-resume or pick another run.output_dir.")
         changes = config_changes(state["config"], to_dict(self.config)) if "config" in state else []
         if changes:
             more = f"\n  ... and {len(changes) - 20} more" if len(changes) > 20 else ""
@@ -330,14 +342,6 @@ class Trainer:
                                     "start over with --no-resume, or pick another run.output_dir.")
             if self.dist.is_main:
                 self._write(f"warning: resuming {path} with a changed recipe (--resume-changed):\n  {listed}")
-        missing = sorted(set(self.params) - set(params))
-        reshaped = sorted(n for n in set(self.params) & set(params) if params[n].shape != self.params[n].shape)
-        if missing or reshaped:
-            example = (f"missing {missing[:2]}" if missing else
-                       f"{reshaped[0]} has shape {tuple(params[reshaped[0]].shape)}")
-            raise TrainingError(f"Checkpoint {path} does not fit this model ({example}); it was written by a "
-                                "different model or LoRA configuration (e.g. model.lora_rank). Start over with "
-                                "--no-resume or pick another run.output_dir.")
         with torch.no_grad():
             for name, p in self.params.items():
                 p.copy_(params[name])
@@ -356,6 +360,7 @@ class Trainer:
         self.first_eval = dict(state.get("first_eval", {}))
         self.early_stop = dict(state.get("early_stop", self.early_stop))
         self.skipped_steps = int(state.get("skipped_steps", 0))
+        self.precision.load_state_dict(state.get("precision", {}))
         best = {n: extra[f"best.{n}"].clone() for n in self.params if f"best.{n}" in extra}
         self.best_params = best or None
         rows = truncate_metrics(self.run_dir, self.iteration) if self.dist.is_main else None
@@ -501,7 +506,7 @@ class Trainer:
         update = self.update(batch)
         t2 = time.perf_counter()
         self.iteration += 1
-        metrics: dict[str, float] = {**update, **self.source.local_metrics(batch)}
+        metrics: dict[str, float] = {**update, **self.source.local_metrics(batch), **self.precision.metrics()}
         metrics.update({"lr": self.scheduler.get_last_lr()[0], "time/update": t2 - t1, "time/iteration": t2 - t0,
                         "samples_per_second": len(batch) / (t2 - t0)})
         if self.dist.multi:  # every process gets the same combined metrics (the collapse monitor stays in sync)

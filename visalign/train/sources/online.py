@@ -114,8 +114,9 @@ class OnlineSource(ExperienceSource):
         rollout = self.sample()
         t1 = time.perf_counter()
         batch = self.score(rollout)
-        self.timings = {"time/sample": t1 - t0, "time/score": time.perf_counter() - t1,
-                        "score_retries": float(self.retry.retried)}
+        self.timings = {"time/sample": t1 - t0, "time/score": time.perf_counter() - t1}
+        if self.retry.retried:  # logged only when a scorer failed (the metrics of a clean run are unchanged)
+            self.timings["score_retries"] = float(self.retry.retried)
         return batch
 
     def train_steps(self, batch: OnlineBatch | Any) -> list[int]:
