@@ -61,6 +61,7 @@ class Trainer:
         check_launch_settings()  # before accelerate reads them: a setting the loop cannot honour is refused
         m = config.model
         precision = resolve_precision(m.mixed_precision, m.dtype, full_finetune=m.lora_rank == 0)
+        m.mixed_precision = precision  # recorded as resolved (config.json, checkpoints): a resume compares it
         self.dist = Distributed(build_accelerator(config.model.device))
         self.run_dir = Path(config.run.output_dir)
         _check_writable(self.run_dir)
