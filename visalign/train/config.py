@@ -165,6 +165,12 @@ class OptimConfig:
     grad_accumulation: int = field(default=1, metadata={
         "help": "Objective micro-steps (ctx.optimizer_step calls) per optimizer step; the step uses their mean "
                 "gradient. Leftovers are stepped at the end of each iteration (no gradient crosses iterations)."})
+    optimizer: str = field(default="adamw", metadata={"help": "adamw | adamw-8bit (bitsandbytes; 8-bit moments)."})
+    lr_scheduler: str | None = field(default=None, metadata={
+        "help": "null (linear warm-up, then constant) or a diffusers.optimization.get_scheduler name: linear, "
+                "cosine, cosine_with_restarts, polynomial, constant, constant_with_warmup."})
+    lr_schedule_steps: int | None = field(default=None, metadata={
+        "help": "Length of a decaying lr_scheduler, in optimizer steps."})
 
     def __post_init__(self) -> None:
         if self.grad_accumulation < 1:

@@ -42,6 +42,7 @@ from visalign.train.distributed import Distributed, GradientSync, build_accelera
 from visalign.train.evaluate import Evaluator
 from visalign.train.faults import StepSkipped, StopRequest, config_changes, stop_on_signals
 from visalign.train.logging import RunLogger
+from visalign.train.optim import build_optimizer, build_scheduler
 from visalign.train.precision import Precision, check_launch_settings, resolve_precision
 from visalign.train.sources import SourceContext, check_compatible, source_class
 from visalign.train.sources.online import TrainingError, stochastic_steps
@@ -142,11 +143,8 @@ class Trainer:
         self.params = {n: p for n, p in self.adapter.denoiser.named_parameters() if p.requires_grad}
         self.dist.broadcast_parameters(self.params.values())
         o = self.config.optim
-        self.optimizer = torch.optim.AdamW(self.params.values(), lr=o.lr, betas=tuple(o.betas),
-                                           weight_decay=o.weight_decay)
-        warmup = max(o.warmup_steps, 0)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0)
+        self.optimizer = build_optimizer(self.params.values(), o)
+        self.scheduler = build_scheduler(self.optimizer, o)
         self.ema = {n: p.detach().clone() for n, p in self.params.items()} if o.ema_decay else None
         self.grad_sync = GradientSync(list(self.params.values()), self.dist, o.grad_accumulation, self._optimizer_step)
 
