@@ -39,3 +39,21 @@ def test_unknown_or_incomplete_schedules_and_missing_8bit_adam_are_refused():
     if importlib.util.find_spec("bitsandbytes") is None:
         with pytest.raises(ValueError, match="pip install bitsandbytes"):
             build_optimizer(params, OptimConfig(optimizer="adamw-8bit"))
+
+
+def test_report_to_picks_the_trackers_and_refuses_unknown_ones(tiny_sd, tmp_path):
+    from visalign.train.loop import TrainingError
+
+    base = [*FAST, f"model.model={tiny_sd}", "eval.prompts=null", "run.iterations=1"]
+    Trainer(load_train_config(TINY_RECIPE, [*base, f"run.output_dir={tmp_path / 'tb'}",
+                                            "run.report_to=[tensorboard]"])).run(resume=False)
+    assert list((tmp_path / "tb" / "tensorboard").glob("events.out.tfevents.*"))
+    Trainer(load_train_config(TINY_RECIPE, [*base, f"run.output_dir={tmp_path / 'none'}",
+                                            "run.report_to=[]", "run.tensorboard=true"])).run(resume=False)
+    assert not (tmp_path / "none" / "tensorboard").exists()  # report_to wins over the switch
+    with pytest.raises(TrainingError, match="the trackers are"):
+        Trainer(load_train_config(TINY_RECIPE, [*base, f"run.output_dir={tmp_path / 'x'}", "run.report_to=[comet]"]))
+    if importlib.util.find_spec("wandb") is None:
+        with pytest.raises(TrainingError, match="pip install wandb"):
+            Trainer(load_train_config(TINY_RECIPE, [*base, f"run.output_dir={tmp_path / 'w'}",
+                                                    "run.report_to=[wandb]", "run.wandb_project=p"]))

@@ -206,6 +206,13 @@ class RunConfig:
                                                          "iterations (0 = at start and end)."})
     tensorboard: bool = field(default=True, metadata={"help": "Also log to TensorBoard when it is installed."})
     wandb: bool = field(default=False, metadata={"help": "Also log to Weights & Biases (needs wandb installed)."})
+    report_to: list[str] | None = field(default=None, metadata={
+        "help": "Trackers: any of tensorboard, wandb; null = from run.tensorboard and run.wandb. metrics.jsonl is "
+                "written either way; grids go to every tracker."})
+    wandb_project: str | None = field(default=None, metadata={"help": "wandb project (null: wandb's default)."})
+    wandb_name: str | None = field(default=None, metadata={"help": "wandb run name (null: wandb's default)."})
+    wandb_resume_id: str | None = field(default=None, metadata={
+        "help": "wandb run id to continue (resume='allow'), so a resumed training run logs into the same run."})
     progress: bool = field(default=True, metadata={"help": "Show a tqdm progress bar with the live reward."})
 
     def __post_init__(self) -> None:

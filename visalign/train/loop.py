@@ -66,9 +66,10 @@ class Trainer:
         self.dist = Distributed(build_accelerator(config.model.device))
         self.run_dir = Path(config.run.output_dir)
         _check_writable(self.run_dir)
-        if config.run.wandb and importlib.util.find_spec("wandb") is None:
-            raise TrainingError("run.wandb is true but wandb is not installed: pip install wandb, or set "
-                                "run.wandb=false (metrics.jsonl and TensorBoard are written either way).")
+        self.trackers = trackers(config.run)
+        if "wandb" in self.trackers and importlib.util.find_spec("wandb") is None:
+            raise TrainingError("wandb is asked for but not installed: pip install wandb, or set run.wandb=false and "
+                                "leave it out of run.report_to (metrics.jsonl and TensorBoard are written anyway).")
         # A bare "cuda" means this process's own GPU under accelerate launch (cuda:LOCAL_RANK).
         device = str(self.dist.device) if m.device == "cuda" else m.device
         self.objective = build_objective(config.objective.name, config.objective.params)
@@ -402,8 +403,13 @@ class Trainer:
             if not resumed:
                 (self.run_dir / "metrics.jsonl").unlink(missing_ok=True)
             (self.run_dir / "config.json").write_text(json.dumps(to_dict(self.config), indent=1))
-            self.logger = RunLogger(self.run_dir, tensorboard=r.tensorboard, wandb=r.wandb,
-                                    config=to_dict(self.config))
+            wandb_init = {k: v for k, v in (("project", r.wandb_project), ("name", r.wandb_name),
+                                            ("id", r.wandb_resume_id)) if v is not None}
+            if r.wandb_resume_id is not None:
+                wandb_init["resume"] = "allow"
+            self.logger = RunLogger(self.run_dir, tensorboard="tensorboard" in self.trackers,
+                                    wandb="wandb" in self.trackers, config=to_dict(self.config),
+                                    wandb_init=wandb_init)
         if not resumed:
             self.first_eval = self.evaluate()
             if self.first_eval:
@@ -569,6 +575,20 @@ class Trainer:
         if self.config.eval.early_stop_metric is not None:
             summary["early_stop"] = dict(self.early_stop)
         return summary
+
+
+TRACKERS = ("tensorboard", "wandb")
+
+
+def trackers(run: Any) -> set[str]:
+    """The trackers of ``run.report_to`` (or of the run.tensorboard / run.wandb switches when it is null)."""
+    if run.report_to is None:
+        return {name for name, on in (("tensorboard", run.tensorboard), ("wandb", run.wandb)) if on}
+    unknown = sorted(set(run.report_to) - set(TRACKERS))
+    if unknown:
+        raise TrainingError(f"run.report_to names {unknown}; the trackers are {list(TRACKERS)} (metrics.jsonl is "
+                            "always written).")
+    return set(run.report_to)
 
 
 def _state(spec: RewardSpec | None) -> dict[str, Any]:
