@@ -20,6 +20,7 @@ COMMANDS: dict[str, str] = {
     "shapes": "visalign.commands.shapes",
     "demo": "visalign.commands.demo",
     "serve": "visalign.commands.serve",
+    "export": "visalign.commands.export",
 }
 
 
