@@ -171,3 +171,30 @@ def test_a_failing_scorer_answers_500_and_the_next_batch_is_scored():
         assert out.reward[0].item() == pytest.approx(media(1, 0).mean().item(), abs=1e-6)
     finally:
         srv.stop()
+
+
+def test_a_recipe_deployment_over_http_gives_the_local_scorers_rewards(tmp_path):
+    from tests.generators.conftest import build_sd
+    from tests.train.conftest import FAST, TINY_RECIPE
+    from visalign.train.config import load_train_config
+    from visalign.train.logging import read_metrics
+    from visalign.train.loop import Trainer
+
+    torch.set_num_threads(1)
+    model = build_sd(tmp_path / "sd")
+    srv = RewardServer({"brightness": get_scorer("brightness")}, ServeConfig(port=0)).start()
+    try:
+        common = [*FAST, f"model.model={model}", "eval.prompts=null", "run.iterations=2"]
+        Trainer(load_train_config(TINY_RECIPE, [*common, f"run.output_dir={tmp_path / 'local'}"])).run()
+        served = [*common, f"run.output_dir={tmp_path / 'http'}", "reward.terms=['@judge']",
+                  f"reward.deployments={{judge: {{kind: http, url: '{srv.url}', scorer: brightness}}}}"]
+        Trainer(load_train_config(TINY_RECIPE, served)).run()
+        assert srv.health()["requests"] >= 2
+    finally:
+        srv.stop()
+    local, remote = read_metrics(tmp_path / "local"), read_metrics(tmp_path / "http")
+    assert [r["reward"] for r in remote] == pytest.approx([r["reward"] for r in local], abs=1e-6)
+    assert "reward/judge/mean" in remote[0]
+    with pytest.raises(ValueError, match="does not define"):
+        Trainer(load_train_config(TINY_RECIPE, [*common, f"run.output_dir={tmp_path / 'x'}",
+                                                "reward.terms=['@nope']"]))

@@ -94,6 +94,9 @@ class RewardConfig:
                                                           "(over the reward terms) carry the update."})
     uncertainty_weights: bool = field(default=True, metadata={
         "help": "Multiply per-sample losses by extras['weight'] of uncertainty-aware scorers when present."})
+    deployments: dict[str, Any] = field(default_factory=dict, metadata={
+        "help": "Named places scorers run, used as '@name' in terms: {name: {kind: local|http|openai, scorer, url, "
+                "model, token_env, params}} (docs/serving.md#deployments)."})
     dtype: str = field(default="float32", metadata={"help": "Compute dtype of the scorers: float32, bfloat16 or "
                                                             "float16 (rewards are float32 either way)."})
     retries: int = field(default=2, metadata={"help": "A scorer that raises (a flaky server) is called again this "

@@ -38,6 +38,7 @@ from visalign.rewards import RewardSpec
 from visalign.scorers import ScoreBatch, get_scorer
 from visalign.train.checkpoint import checkpoint_dir, latest_checkpoint, load_checkpoint, save_checkpoint
 from visalign.train.config import TrainConfig
+from visalign.train.deployments import resolve_terms
 from visalign.train.distributed import Distributed, GradientSync, build_accelerator, mean_over_processes
 from visalign.train.evaluate import Evaluator
 from visalign.train.faults import StepSkipped, StopRequest, config_changes, stop_on_signals
@@ -76,7 +77,8 @@ class Trainer:
         source_cls = source_class(config.source.name or self.objective.default_source)
         check_compatible(source_cls, type(self.objective))
         r = config.reward
-        self.reward = (RewardSpec.from_config({"terms": r.terms, "aggregation": r.aggregation,
+        terms = resolve_terms(r.terms, r.deployments, device=device, dtype=getattr(torch, r.dtype))
+        self.reward = (RewardSpec.from_config({"terms": terms, "aggregation": r.aggregation,
                                                "advantage": r.advantage, "device": device, "pareto": r.pareto,
                                                "uncertainty_weights": r.uncertainty_weights, "dtype": r.dtype})
                        if r.terms else None)
