@@ -198,3 +198,31 @@ def test_a_recipe_deployment_over_http_gives_the_local_scorers_rewards(tmp_path)
     with pytest.raises(ValueError, match="does not define"):
         Trainer(load_train_config(TINY_RECIPE, [*common, f"run.output_dir={tmp_path / 'x'}",
                                                 "reward.terms=['@nope']"]))
+
+
+def test_the_serve_command_prints_its_url_serves_and_stops_on_sigint(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(repo), "HF_HUB_OFFLINE": "1", "VISALIGN_TEST_TOKEN": TOKEN}
+    proc = subprocess.Popen([sys.executable, "-m", "visalign", "serve", "--scorer", "brightness,saturation", "--port",
+                             "0", "--token-env", "VISALIGN_TEST_TOKEN"], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        line = proc.stdout.readline()
+        assert line.startswith("serving ['brightness', 'saturation'] on http://127.0.0.1:"), line
+        url = line.split(" on ")[1].split()[0]
+        status, answer = post(url, encode_request(ScoreRequest(prompts=["a"], media=media(1, 0),
+                                                               scorer="brightness")), SAFETENSORS)
+        assert status == 200 and len(answer["reward"]) == 1
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=30)
+    assert proc.returncode == 0, proc.stderr.read()[-2000:]
+    missing = subprocess.run([sys.executable, "-m", "visalign", "serve", "--scorer", "brightness", "--token-env",
+                              "VISALIGN_UNSET_TOKEN_VAR"], env=env, capture_output=True, text=True, timeout=60)
+    assert missing.returncode == 2 and "unset or empty" in missing.stderr
