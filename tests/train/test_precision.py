@@ -133,3 +133,13 @@ def test_the_trainer_refuses_an_ignored_flag_and_follows_the_launchers_precision
     monkeypatch.delenv("ACCELERATE_GRADIENT_ACCUMULATION_STEPS")
     monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
     assert _trainer(tiny_sd, tmp_path).precision.mode == "bf16"
+
+
+def test_resuming_under_another_launch_precision_is_a_refused_change(tiny_sd, tmp_path, monkeypatch):
+    from visalign.train.loop import TrainingError
+
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
+    _trainer(tiny_sd, tmp_path, "run.iterations=1").run(resume=False)
+    monkeypatch.delenv("ACCELERATE_MIXED_PRECISION")
+    with pytest.raises(TrainingError, match="mixed precision .*'bf16' → 'no'"):
+        _trainer(tiny_sd, tmp_path).run(resume=True)

@@ -63,7 +63,6 @@ class Trainer:
         check_launch_settings()  # before accelerate reads them: a setting the loop cannot honour is refused
         m = config.model
         precision = resolve_precision(m.mixed_precision, m.dtype, full_finetune=m.lora_rank == 0)
-        m.mixed_precision = precision  # recorded as resolved (config.json, checkpoints): a resume compares it
         self.dist = Distributed(build_accelerator(config.model.device))
         self.run_dir = Path(config.run.output_dir)
         _check_writable(self.run_dir)
@@ -294,7 +293,7 @@ class Trainer:
                      "reward": _state(self.reward), "eval_reward": _state(self.eval_reward),
                      "first_eval": self.first_eval, "early_stop": self.early_stop,
                      "skipped_steps": self.skipped_steps, "config": to_dict(self.config),
-                     "precision": self.precision.state_dict()}
+                     "precision": self.precision.state_dict(), "mixed_precision": self.precision.mode}
             if self.dist.multi:
                 state["num_processes"] = self.dist.num_processes
                 state["reward_other_ranks"] = [g[1] for g in gathered[1:]]
@@ -335,6 +334,10 @@ class Trainer:
                                 "different model or LoRA configuration (e.g. model.lora_rank). Start over with "
                                 "--no-resume or pick another run.output_dir.")
         changes = config_changes(state["config"], to_dict(self.config)) if "config" in state else []
+        saved_mode = state.get("mixed_precision", self.precision.mode)  # as resolved (recipe or launcher)
+        if saved_mode != self.precision.mode:
+            changes.append(f"mixed precision (model.mixed_precision or accelerate launch): {saved_mode!r} → "
+                           f"{self.precision.mode!r}")
         if changes:
             more = f"\n  ... and {len(changes) - 20} more" if len(changes) > 20 else ""
             listed = "\n  ".join(changes[:20]) + more
