@@ -19,6 +19,8 @@ COMMANDS: dict[str, str] = {
     "convert-weights": "visalign.commands.convert_weights",
     "shapes": "visalign.commands.shapes",
     "demo": "visalign.commands.demo",
+    "serve": "visalign.commands.serve",
+    "export": "visalign.commands.export",
 }
 
 

@@ -19,6 +19,10 @@ from visalign.rewards.advantages import AdvantageConfig
 class ModelConfig:
     model: str = field(default="", metadata={"help": "Generator: a hub id or a local diffusers pipeline folder."})
     dtype: str = field(default="float32", metadata={"help": "Compute dtype: float32, bfloat16 or float16."})
+    mixed_precision: str | None = field(default=None, metadata={
+        "help": "no | bf16 | fp16: autocast of the denoiser with float32 trainable weights (fp16 with loss "
+                "scaling; a float16 model.dtype gets the scaling too). null = accelerate launch --mixed_precision "
+                "(docs/architecture.md#scale)."})
     device: str = field(default="cpu", metadata={"help": "Device for the generator and scorers (cpu, cuda)."})
     lora_rank: int = field(default=8, metadata={"help": "LoRA rank r; 0 fine-tunes the whole denoiser instead."})
     lora_alpha: float = field(default=8.0, metadata={"help": "LoRA alpha (the update is scaled by alpha / rank)."})
@@ -90,6 +94,23 @@ class RewardConfig:
                                                           "(over the reward terms) carry the update."})
     uncertainty_weights: bool = field(default=True, metadata={
         "help": "Multiply per-sample losses by extras['weight'] of uncertainty-aware scorers when present."})
+    deployments: dict[str, Any] = field(default_factory=dict, metadata={
+        "help": "Named places scorers run, used as '@name' in terms: {name: {kind: local|http|openai, scorer, url, "
+                "model, token_env, params}} (docs/serving.md#deployments)."})
+    dtype: str = field(default="float32", metadata={"help": "Compute dtype of the scorers: float32, bfloat16 or "
+                                                            "float16 (rewards are float32 either way)."})
+    retries: int = field(default=2, metadata={"help": "A scorer that raises (a flaky server) is called again this "
+                                                      "many times, with backoff, before its step is skipped "
+                                                      "(docs/architecture.md#faults)."})
+    retry_backoff_s: float = field(default=1.0, metadata={"help": "Wait before the first retry, doubled per retry."})
+    max_consecutive_skips: int = field(default=3, metadata={
+        "help": "More steps skipped in a row than this stop the run with the scorer's error."})
+
+    def __post_init__(self) -> None:
+        if self.dtype not in ("float32", "bfloat16", "float16"):
+            raise ValueError(f"reward.dtype is {self.dtype!r}; use float32, bfloat16 or float16.")
+        if self.retries < 0 or self.retry_backoff_s < 0 or self.max_consecutive_skips < 0:
+            raise ValueError("reward.retries, reward.retry_backoff_s and reward.max_consecutive_skips must be >= 0.")
 
 
 @dataclass
@@ -147,6 +168,12 @@ class OptimConfig:
     grad_accumulation: int = field(default=1, metadata={
         "help": "Objective micro-steps (ctx.optimizer_step calls) per optimizer step; the step uses their mean "
                 "gradient. Leftovers are stepped at the end of each iteration (no gradient crosses iterations)."})
+    optimizer: str = field(default="adamw", metadata={"help": "adamw | adamw-8bit (bitsandbytes; 8-bit moments)."})
+    lr_scheduler: str | None = field(default=None, metadata={
+        "help": "null (linear warm-up, then constant) or a diffusers.optimization.get_scheduler name: linear, "
+                "cosine, cosine_with_restarts, polynomial, constant, constant_with_warmup."})
+    lr_schedule_steps: int | None = field(default=None, metadata={
+        "help": "Length of a decaying lr_scheduler, in optimizer steps."})
 
     def __post_init__(self) -> None:
         if self.grad_accumulation < 1:
@@ -182,6 +209,13 @@ class RunConfig:
                                                          "iterations (0 = at start and end)."})
     tensorboard: bool = field(default=True, metadata={"help": "Also log to TensorBoard when it is installed."})
     wandb: bool = field(default=False, metadata={"help": "Also log to Weights & Biases (needs wandb installed)."})
+    report_to: list[str] | None = field(default=None, metadata={
+        "help": "Trackers: any of tensorboard, wandb; null = from run.tensorboard and run.wandb. metrics.jsonl is "
+                "written either way; grids go to every tracker."})
+    wandb_project: str | None = field(default=None, metadata={"help": "wandb project (null: wandb's default)."})
+    wandb_name: str | None = field(default=None, metadata={"help": "wandb run name (null: wandb's default)."})
+    wandb_resume_id: str | None = field(default=None, metadata={
+        "help": "wandb run id to continue (resume='allow'), so a resumed training run logs into the same run."})
     progress: bool = field(default=True, metadata={"help": "Show a tqdm progress bar with the live reward."})
 
     def __post_init__(self) -> None:
