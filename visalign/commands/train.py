@@ -52,7 +52,10 @@ def run(args: argparse.Namespace) -> int:
     if not trainer.dist.is_main:  # under accelerate launch the main process reports for all of them
         return 0
     print(summary_table(summary))
-    print(f"final weights: {summary['final_weights']}  (pipe.load_lora_weights(that folder) in diffusers)")
+    loads_with = ("a peft / transformers folder: model.load_adapter(that folder)"
+                  if getattr(trainer.adapter, "modality", "image") == "text"
+                  else "pipe.load_lora_weights(that folder) in diffusers")
+    print(f"final weights: {summary['final_weights']}  ({loads_with})")
     return 0
 
 
