@@ -10,12 +10,12 @@ import yaml
 LETTER_PROMPTS = ["rev abc=", "sort cab=", "shift dd=", "rev hgf=", "sort eab=", "shift abc=", "rev ddd=", "sort g="]
 
 
-def text_recipe(tmp_path: Path, model: Path, **sections: Any) -> Path:
-    """A recipe file for a text-grpo run on ``model`` with the letter prompts; ``sections`` update it."""
+def text_recipe(tmp_path: Path, lm: Path, **sections: Any) -> Path:
+    """A recipe file for a text-grpo run on the LM folder ``lm`` with the letter prompts; ``sections`` update it."""
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("\n".join(LETTER_PROMPTS) + "\n")
     recipe: dict[str, Any] = {
-        "model": {"model": str(model), "lora_rank": 8, "lora_alpha": 8.0,
+        "model": {"model": str(lm), "lora_rank": 8, "lora_alpha": 8.0,
                   "lora_targets": ["q_proj", "k_proj", "v_proj", "o_proj"]},
         "sample": {"prompts": str(prompts), "prompts_per_step": 4, "images_per_prompt": 4},
         "text": {"max_new_tokens": 6, "chat_template": False},
