@@ -7,8 +7,16 @@ import math
 import pytest
 import torch
 
-from visalign.text.losses import (LOSS_TYPES, best_of_n, best_of_n_kl_bound, clipped_token_loss, dpo_loss, k3_kl,
-                                  rloo_advantages, token_nll)
+from visalign.text.losses import (
+    LOSS_TYPES,
+    best_of_n,
+    best_of_n_kl_bound,
+    clipped_token_loss,
+    dpo_loss,
+    k3_kl,
+    rloo_advantages,
+    token_nll,
+)
 
 
 def test_rloo_baseline_leaves_the_sample_out():

@@ -80,7 +80,8 @@ def test_a_text_scorer_is_a_trl_reward_function_and_back():
     prompts, completions = ["q", "q"], ["a" * 200, "a" * 10]
     spec = RewardSpec.from_config({"terms": [scorer], "modality": "text"})  # the same object, as a reward term
     direct = spec(ScoreBatch(prompts=prompts, texts=completions)).total.tolist()
-    assert fn(prompts=prompts, completions=completions) == pytest.approx(direct) and fn.__name__ == "text_length_target"
+    assert fn(prompts=prompts, completions=completions) == pytest.approx(direct)
+    assert fn.__name__ == "text_length_target"
     assert fn(prompts=prompts, completions=[[{"role": "assistant", "content": c}] for c in completions]) \
         == pytest.approx(direct)
     world = get_scorer(StringTaskReward(), modality="text")  # a TRL function as a scorer; None abstains
@@ -94,3 +95,13 @@ def test_trl_functions_get_table_columns_as_keywords():
     scorer = get_scorer("tests.text.rewards:bonus_column", modality="text")
     out = scorer(ScoreBatch(prompts=["a", "b"], texts=["x", "y"], metadata=[{"bonus": 2}, {"bonus": 0.5}]))
     torch.testing.assert_close(out.raw, torch.tensor([2.0, 0.5]))
+
+
+@pytest.mark.slow
+def test_grpo_on_the_shipped_text_world_gains_fifteen_points_held_out(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", str(REPO / "pipelines/textworld-grpo.yaml"), f"run.output_dir={out}", "run.progress=false",
+                 "run.tensorboard=false"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    before, after = summary["eval_before"]["eval/reward"], summary["eval_after"]["eval/reward"]
+    assert after >= before + 0.15, (before, after)
