@@ -59,7 +59,10 @@ def run(args: argparse.Namespace) -> int:
               f"{summary['checkpoint']}. Run the same command again to resume.")
         return 0
     print(summary_table(summary))
-    print(f"final weights: {summary['final_weights']}  (pipe.load_lora_weights(that folder) in diffusers)")
+    loads_with = ("a peft / transformers folder: model.load_adapter(that folder)"
+                  if getattr(trainer.adapter, "modality", "image") == "text"
+                  else "pipe.load_lora_weights(that folder) in diffusers")
+    print(f"final weights: {summary['final_weights']}  ({loads_with})")
     return 0
 
 

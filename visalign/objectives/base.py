@@ -132,6 +132,12 @@ OBJECTIVES: Registry[type[Objective]] = Registry("objective", builtin={
     "rpo-harmonic": "visalign.objectives.rpo_harmonic:RpoHarmonicObjective",
     "nft": "visalign.objectives.nft:NftObjective",
     "awm": "visalign.objectives.awm:AwmObjective",
+    # The text core (docs/methods.md#text-core): the same contract over a causal-LM policy's batches.
+    "text-grpo": "visalign.text.grpo:TextGrpoObjective",
+    "text-rloo": "visalign.text.rloo:TextRlooObjective",
+    "text-dpo": "visalign.text.dpo:TextDpoObjective",
+    "text-best-of-n": "visalign.text.best_of_n:TextBestOfNObjective",
+    "text-raft": "visalign.text.best_of_n:TextBestOfNObjective",
 })
 
 

@@ -13,6 +13,7 @@ from typing import Any
 
 from visalign.config import apply_overrides, from_dict, load_yaml
 from visalign.rewards.advantages import AdvantageConfig
+from visalign.text.config import TextConfig
 
 
 @dataclass
@@ -116,7 +117,8 @@ class RewardConfig:
 @dataclass
 class ObjectiveConfig:
     name: str = field(default="grpo", metadata={"help": "Objective id: grpo, prdp, dragon, raft, draft, alignprop, "
-                                                        "refl, diffusion-dpo, rpo-harmonic, nft, awm (or "
+                                                        "refl, diffusion-dpo, rpo-harmonic, nft, awm; text: "
+                                                        "text-grpo, text-rloo, text-dpo, text-best-of-n (or "
                                                         "pkg.module:Class)."})
     params: dict[str, Any] = field(default_factory=dict, metadata={
         "help": "Objective hyper-parameters: the fields of the objective's Params (listed by --help-config)."})
@@ -235,6 +237,8 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig, metadata={"help": "Optimizer and schedule."})
     eval: EvalConfig = field(default_factory=EvalConfig, metadata={"help": "Held-out evaluation."})
     run: RunConfig = field(default_factory=RunConfig, metadata={"help": "Output, length, checkpoints, logs."})
+    text: TextConfig = field(default_factory=TextConfig, metadata={
+        "help": "Text generation of causal-LM runs (text-* objectives; docs/methods.md#text-core)."})
 
     def __post_init__(self) -> None:
         o = self.objective
@@ -245,7 +249,7 @@ class TrainConfig:
                               FutureWarning, stacklevel=2)
                 setattr(self.reward, key, value)
                 setattr(o, key, None)
-        if self.source.name == "online" or (not self.source.name and _default_source(o.name) == "online"):
+        if (self.source.name or _default_source(o.name)) in ("online", "text-online"):
             if not self.sample.prompts:
                 raise ValueError("sample.prompts is empty: give a prompt file (.txt, .jsonl or .csv).")
             if not self.reward.terms:

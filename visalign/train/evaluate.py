@@ -63,13 +63,26 @@ class Evaluator:
             return None
         return torch.stack([resize_to(load_image(p)[None], size)[0] for p in self.reference_paths])
 
-    def __call__(self, adapter: Any) -> tuple[dict[str, float], Tensor]:
+    def __call__(self, adapter: Any) -> tuple[dict[str, float], Tensor | None]:
         """Sample and score once (under whatever weights the caller has swapped in).
 
         Returns:
             ``(metrics, media)``: ``eval/reward...`` of the held-out scorers and, with separate eval scorers and a
-            training reward, ``eval/proxy/reward...``; the eval samples ``[B, ...]`` for the grid.
+            training reward, ``eval/proxy/reward...``; the eval samples ``[B, ...]`` for the grid (None for text).
         """
+        batch, media = (self._text_batch(adapter) if getattr(adapter, "modality", "image") == "text"
+                        else self._media_batch(adapter))
+        with self.eval_reward.frozen_transforms():  # eval samples must not move running reward statistics
+            held_out = self.eval_reward(batch)
+        metrics = {f"eval/{k}": v for k, v in held_out.metrics().items() if k.startswith("reward")}
+        if self.reward is not None and self.eval_reward is not self.reward:
+            with self.reward.frozen_transforms():
+                proxy = self.reward(batch)
+            metrics.update({f"eval/proxy/{k}": v for k, v in proxy.metrics().items() if k.startswith("reward")})
+        return metrics, media
+
+    def _media_batch(self, adapter: Any) -> tuple[ScoreBatch, Tensor]:
+        """Eval samples of a generator on the eval sampler, one per prompt."""
         e, s = self.config.eval, self.config.sample
         res = self.config.model.resolution
         rollout = adapter.rollout(self.prompts, images_per_prompt=1, steps=e.steps or s.steps, guidance=s.guidance,
@@ -78,11 +91,14 @@ class Evaluator:
         batch = ScoreBatch(prompts=rollout.prompts, media=rollout.media,
                            references=None if refs is None else refs.to(rollout.media),
                            metadata=self.metadata if any(self.metadata) else None)
-        with self.eval_reward.frozen_transforms():  # eval samples must not move running reward statistics
-            held_out = self.eval_reward(batch)
-        metrics = {f"eval/{k}": v for k, v in held_out.metrics().items() if k.startswith("reward")}
-        if self.reward is not None and self.eval_reward is not self.reward:
-            with self.reward.frozen_transforms():
-                proxy = self.reward(batch)
-            metrics.update({f"eval/proxy/{k}": v for k, v in proxy.metrics().items() if k.startswith("reward")})
-        return metrics, rollout.media
+        return batch, rollout.media
+
+    def _text_batch(self, adapter: Any) -> tuple[ScoreBatch, None]:
+        """Eval completions of a causal LM: ``text.eval_samples_per_prompt`` per prompt at ``text.eval_temperature``
+        (0 = greedy), seeded by ``eval.seed``; there is no grid."""
+        t = self.config.text
+        k = t.eval_samples_per_prompt
+        rollout = adapter.generate(self.prompts, t, completions_per_prompt=k, seed=self.config.eval.seed,
+                                   temperature=t.eval_temperature)
+        metadata = [dict(m) for m in self.metadata for _ in range(k)] if any(self.metadata) else None
+        return ScoreBatch(prompts=rollout.prompts, texts=rollout.texts, metadata=metadata), None

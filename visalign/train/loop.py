@@ -32,7 +32,7 @@ from typing import Any
 import torch
 
 from visalign.config import to_dict
-from visalign.generators import LoraSpec, load_generator
+from visalign.generators import LoraSpec
 from visalign.objectives.base import UpdateContext, build_objective
 from visalign.rewards import RewardSpec
 from visalign.scorers import ScoreBatch, get_scorer
@@ -79,9 +79,11 @@ class Trainer:
         terms = resolve_terms(r.terms, r.deployments, device=device, dtype=getattr(torch, r.dtype))
         self.reward = (RewardSpec.from_config({"terms": terms, "aggregation": r.aggregation,
                                                "advantage": r.advantage, "device": device, "pareto": r.pareto,
-                                               "uncertainty_weights": r.uncertainty_weights, "dtype": r.dtype})
+                                               "uncertainty_weights": r.uncertainty_weights, "dtype": r.dtype,
+                                               "modality": source_cls.modality})
                        if r.terms else None)
-        self.eval_reward = (RewardSpec.from_config({"terms": config.eval.scorers, "device": device})
+        self.eval_reward = (RewardSpec.from_config({"terms": config.eval.scorers, "device": device,
+                                                    "modality": source_cls.modality})
                             if config.eval.scorers else self.reward)
         self.scorers = self._objective_scorers(device)
         self._check_reward_grad()
@@ -91,7 +93,7 @@ class Trainer:
                                  self.objective.needs)
         self.evaluator = Evaluator(config, self.reward, self.eval_reward)
         torch.manual_seed(config.run.seed)  # the same on every process: LoRA initialises identically
-        self.adapter = load_generator(m.model, dtype=m.dtype, device=device)
+        self.adapter = source_cls.load_model(m, device)  # a diffusers generator, or a causal LM for text sources
         self.source.attach(self.adapter)
         self.precision = Precision(precision, torch.device(device))
         self._setup_training(m)
@@ -210,7 +212,7 @@ class Trainer:
             return {}
         with self._ema_weights():
             metrics, media = self.evaluator(self.adapter)
-        if self.logger is not None:
+        if self.logger is not None and media is not None:  # text evaluations have no grid
             self.logger.grid(self.iteration, media, columns=min(8, len(self.evaluator.prompts)))
         return metrics
 

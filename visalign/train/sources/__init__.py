@@ -12,6 +12,8 @@ __all__ = ["SOURCES", "ExperienceSource", "SourceContext", "check_compatible", "
 SOURCES: Registry[type[ExperienceSource]] = Registry("experience source", {
     "online": "visalign.train.sources.online:OnlineSource",
     "pairs": "visalign.train.sources.pairs:PairsSource",
+    "text-online": "visalign.text.source:TextOnlineSource",
+    "text-pairs": "visalign.text.pairs:TextPairsSource",
 })
 
 
