@@ -85,6 +85,7 @@ class Trainer:
         torch.manual_seed(config.run.seed)  # the same on every process: LoRA initialises identically
         self.adapter = load_generator(m.model, dtype=m.dtype, device=device)
         self.source.attach(self.adapter)
+        self.evaluator.sampler = self.source.eval_sampler()
         self._setup_training(m)
         self.optimizer_steps = 0
         self.logger: RunLogger | None = None
