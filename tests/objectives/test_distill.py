@@ -135,7 +135,8 @@ def test_resume_is_bit_exact(bright_sd_path, prompt_file, tmp_path, objective, p
 ])
 def test_bad_step_counts_and_objectives_are_refused(bright_sd_path, prompt_file, tmp_path, override, message):
     args = [sys.executable, "-m", "visalign", "distill", "--no-resume",
-            str(REPO / "pipelines" / "tiny-sd-distill-r0.yaml"), "eval.prompts=null", *distill_overrides(bright_sd_path, prompt_file, tmp_path / "run", "r0", iterations=1), override]
+            str(REPO / "pipelines" / "tiny-sd-distill-r0.yaml"), "eval.prompts=null",
+            *distill_overrides(bright_sd_path, prompt_file, tmp_path / "run", "r0", iterations=1), override]
     done = subprocess.run(args, capture_output=True, text=True, timeout=300, env=_env())
     assert done.returncode == 2
     assert message in done.stderr
@@ -185,8 +186,9 @@ def test_stock_diffusers_samples_the_saved_student(bright_sd_path, prompt_file, 
     """``visalign distill`` writes student/; a clean interpreter (``python -I``, visalign never imported) loads it
     with ``DiffusionPipeline.from_pretrained`` and samples the student's 2 steps to the student's own samples."""
     out = tmp_path / "run"
-    cli = [sys.executable, "-m", "visalign", "distill", str(REPO / "pipelines" / "tiny-sd-distill-rg-lcm.yaml"),
-           "eval.prompts=null", *distill_overrides(bright_sd_path, prompt_file, out, "rg-lcm", iterations=2, lora_rank=lora_rank)]
+    recipe = REPO / "pipelines" / "tiny-sd-distill-rg-lcm.yaml"
+    cli = [sys.executable, "-m", "visalign", "distill", str(recipe), "eval.prompts=null",
+           *distill_overrides(bright_sd_path, prompt_file, out, "rg-lcm", iterations=2, lora_rank=lora_rank)]
     done = subprocess.run(cli, capture_output=True, text=True, timeout=600, env=_env())
     assert done.returncode == 0, done.stderr[-3000:]
     folder = out / "student"

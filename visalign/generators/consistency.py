@@ -19,6 +19,7 @@ diffusers samples (tested against ``DiffusionPipeline.from_pretrained`` to 1e-4)
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -37,6 +38,10 @@ STUDENT_SCHEDULERS: dict[str, str] = {
     "stable-diffusion": "LCMScheduler",
     "stable-diffusion-xl": "LCMScheduler",
 }
+
+
+# Below this ᾱ at the grid's first timestep the student's x0 estimate there is ill-conditioned (a warning says so).
+MIN_FIRST_ALPHA = 1e-5
 
 
 def check_student_family(adapter: GeneratorAdapter) -> None:
@@ -111,6 +116,14 @@ def make_student_schedule(adapter: GeneratorAdapter, student_steps: int, teacher
                          f"{teacher_steps} teacher steps: {err}") from None
     k = total // teacher_steps
     grid = torch.arange(teacher_steps, 0, -1, dtype=torch.long) * k - 1
+    first = float(scheduler.alphas_cumprod[int(grid[0])])
+    if first < MIN_FIRST_ALPHA:
+        # x̂0 = (x − sqrt(1 − ᾱ)·ε̂) / sqrt(ᾱ): at ᾱ ≈ 0 (a cosine schedule's t = T − 1) every ε error is amplified
+        # by 1/sqrt(ᾱ), so the first student step and the consistency loss there blow up (measured on the shapes
+        # model: distance ~100 at τ_0 = 999, ~0.3 at τ_0 = 989).
+        warnings.warn(f"The student's first timestep {int(grid[0])} has ᾱ = {first:.2g}: its x0 estimate amplifies "
+                      f"the denoiser's errors {first ** -0.5:.0f}x. Pick distill.teacher_steps that does not divide "
+                      f"{total} (e.g. 15: the grid starts at {(total // 15) * 15 - 1}).", stacklevel=2)
     return StudentSchedule(scheduler, scheduler.timesteps.clone().long(), grid, float(guidance))
 
 
