@@ -51,7 +51,7 @@ def train_config(method: str, seed: int, args: argparse.Namespace, prompt_file: 
 
     spec = METHODS[method]
     data = {"model": {"model": str(REPO / "assets/shapes/t2i"), "lora_rank": args.lora_rank,
-                      "lora_alpha": float(args.lora_rank)},
+                      "lora_alpha": float(max(args.lora_rank, 1))},
             "sample": {"prompts": str(prompt_file), "prompts_per_step": args.prompts_per_step,
                        "images_per_prompt": 2},
             "reward": {"terms": [dict(t) for t in REWARD_TERMS]},
@@ -142,11 +142,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--iterations", type=int, default=150)
     p.add_argument("--prompts-per-step", type=int, default=4)
     p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--lora-rank", type=int, default=8)
+    p.add_argument("--lora-rank", type=int, default=8, help="LoRA rank; 0 = full fine-tune.")
     p.add_argument("--student-steps", type=int, default=2)
-    p.add_argument("--teacher-steps", type=int, default=20, help="The LCM grid (teacher ODE steps).")
+    # 15, not 20: the grid then starts at 989 (ᾱ = 2.4e-4) rather than 999 (ᾱ = 2.4e-9), where the shapes model's
+    # x0 estimate amplifies its errors 2·10⁴ times (docs/methods.md#distillation).
+    p.add_argument("--teacher-steps", type=int, default=15, help="The LCM grid (teacher ODE steps).")
     p.add_argument("--eval-images-per-prompt", type=int, default=2)
     p.add_argument("--eval-seed", type=int, default=1234)
+    p.add_argument("--params", default="{}", help="JSON merged into every method's objective params.")
+    p.add_argument("--threads", type=int, default=2, help="torch threads of this process.")
     p.add_argument("--out", default="runs/shapes-distill")
     return p.parse_args(argv)
 
@@ -157,7 +161,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     from visalign.shapes.demo import DemoConfig, demo_prompts
 
     args = parse_args(argv)
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
+    for spec in METHODS.values():
+        spec["params"].update(json.loads(args.params))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     prompts = demo_prompts(DemoConfig(align_kinds=["single", "count", "relation"], polish_iterations=0))

@@ -105,7 +105,7 @@ def test_reward_term_raises_the_students_reward(bright_sd_path, prompt_file, tmp
 
 
 @pytest.mark.parametrize(("objective", "params", "lora_rank"), [
-    ("rg-lcm", {"target_decay": 0.5}, 4),  # the EMA target travels in checkpoints
+    ("rg-lcm", {"target_decay": 0.5, "points_per_sample": 2}, 4),  # the EMA target travels in checkpoints
     ("r0", {"checkpoint_steps": False}, 0),  # a full fine-tune: the frozen teacher copy travels in checkpoints
 ])
 def test_resume_is_bit_exact(bright_sd_path, prompt_file, tmp_path, objective, params, lora_rank):
@@ -220,3 +220,14 @@ def test_stock_diffusers_samples_the_saved_student(bright_sd_path, prompt_file, 
     base = teacher.decode(student_sample(teacher, make_student_schedule(teacher, 2, 4), condition, seeds=[100, 101],
                                          height=RES, width=RES))
     assert (base - ours).abs().max() > 1e-3
+
+
+def test_a_non_differentiable_reward_is_refused_before_the_model_loads(bright_sd_path, prompt_file, tmp_path):
+    """The reward term backpropagates: a weighted non-differentiable scorer (JPEG size, like the shapes oracle) is
+    refused, naming the term and where differentiable scorers are listed; at weight 0 it is a monitor and allowed."""
+    base = distill_overrides(bright_sd_path, prompt_file, tmp_path / "run", "r0", iterations=1)
+    config = load_train_config(None, [*base, "reward.terms=[brightness, jpeg-compressibility]"])
+    with pytest.raises(ValueError, match=r"jpeg-compressibility.*differentiable scorers"):
+        Trainer(config)
+    monitor = load_train_config(None, [*base, "reward.terms=[brightness, {scorer: jpeg-compressibility, weight: 0}]"])
+    Trainer(monitor)

@@ -39,8 +39,13 @@ class RgLcmParams:
     target_decay: float = field(default=0.0, metadata={
         "help": "EMA decay of the target student θ⁻ (LCM full fine-tune: 0.95); 0 = the current weights, no copy."})
     micro_batch: int = field(default=0, metadata={"help": "Samples per optimizer step; 0 = the whole batch."})
+    points_per_sample: int = field(default=1, metadata={
+        "help": "Grid points drawn per teacher trajectory (each a consistency pair); > 1 reuses the teacher's ODE "
+                "for more pairs per iteration (LCM: 1)."})
 
     def __post_init__(self) -> None:
+        if self.points_per_sample < 1:
+            raise ValueError(f"objective.params.points_per_sample must be >= 1; got {self.points_per_sample}.")
         if self.loss not in CONSISTENCY_LOSSES:
             raise ValueError(f"objective.params.loss must be one of {list(CONSISTENCY_LOSSES)}; got {self.loss!r}.")
         if self.reward_scale < 0 or self.huber_c <= 0 or not 0 <= self.target_decay < 1 or self.micro_batch < 0:
@@ -54,6 +59,15 @@ def consistency_pairs(batch: TeacherBatch, index: Tensor) -> tuple[Tensor, Tenso
     grid = batch.schedule.grid
     return (batch.trajectory[rows, index], grid[index], batch.trajectory[rows, index + 1],
             batch.schedule.target_timesteps(index))
+
+
+def repeat_samples(batch: TeacherBatch, k: int) -> TeacherBatch:
+    """The batch with every sample repeated ``k`` times consecutively (``[B·k, ...]``)."""
+    index = [i for i in range(len(batch)) for _ in range(k)]
+    metadata = None if batch.metadata is None else [batch.metadata[i] for i in index]
+    return TeacherBatch(prompts=[batch.prompts[i] for i in index], condition=batch.condition.select(index),
+                        trajectory=batch.trajectory[index], schedule=batch.schedule, size=batch.size,
+                        metadata=metadata)
 
 
 class RgLcmObjective(Objective):
@@ -93,7 +107,13 @@ class RgLcmObjective(Objective):
         params = trainable_named_parameters(ctx.adapter)
         self.target.start(params)
         grid_points = batch.schedule.grid.numel()
-        index = torch.randint(grid_points, (len(batch),), generator=ctx.generator)
+        k = min(p.points_per_sample, grid_points)
+        if k > 1:  # each trajectory served k times, at k grid points drawn without replacement
+            draws = [torch.randperm(grid_points, generator=ctx.generator)[:k] for _ in range(len(batch))]
+            batch = repeat_samples(batch, k)
+            index = torch.stack(draws).flatten()
+        else:
+            index = torch.randint(grid_points, (len(batch),), generator=ctx.generator)
         metrics = MetricMeans()
         steps = 0
         for chunk in micro_batches(range(len(batch)), p.micro_batch or len(batch)):
