@@ -16,6 +16,7 @@ COMMANDS: dict[str, str] = {
     "sample": "visalign.commands.sample",
     "score": "visalign.commands.score",
     "train": "visalign.commands.train",
+    "distill": "visalign.commands.distill",
     "convert-weights": "visalign.commands.convert_weights",
     "shapes": "visalign.commands.shapes",
     "demo": "visalign.commands.demo",

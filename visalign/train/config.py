@@ -117,8 +117,8 @@ class RewardConfig:
 @dataclass
 class ObjectiveConfig:
     name: str = field(default="grpo", metadata={"help": "Objective id: grpo, prdp, dragon, raft, draft, alignprop, "
-                                                        "refl, diffusion-dpo, rpo-harmonic, nft, awm; text: "
-                                                        "text-grpo, text-rloo, text-dpo, text-best-of-n (or "
+                                                        "refl, diffusion-dpo, rpo-harmonic, nft, awm, rg-lcm, r0; "
+                                                        "text: text-grpo, text-rloo, text-dpo, text-best-of-n (or "
                                                         "pkg.module:Class)."})
     params: dict[str, Any] = field(default_factory=dict, metadata={
         "help": "Objective hyper-parameters: the fields of the objective's Params (listed by --help-config)."})
@@ -153,8 +153,10 @@ class PairsConfig:
 @dataclass
 class SourceConfig:
     name: str = field(default="", metadata={"help": "Experience source: online (sample → score → advantages) or "
-                                                    "pairs (offline preference pairs); empty = the objective's "
-                                                    "default (pairs for diffusion-dpo and rpo-harmonic)."})
+                                                    "pairs (offline preference pairs) or teacher (teacher ODE "
+                                                    "trajectories for a few-step student); empty = the "
+                                                    "objective's default (pairs for diffusion-dpo and "
+                                                    "rpo-harmonic, teacher for rg-lcm and r0)."})
     pairs: PairsConfig = field(default_factory=PairsConfig, metadata={"help": "The pairs source's data."})
 
 
@@ -226,6 +228,25 @@ class RunConfig:
 
 
 @dataclass
+class DistillConfig:
+    student_steps: int = field(default=2, metadata={
+        "help": "Sampling steps of the few-step student (1-4 typical); the saved pipeline's LCMScheduler samples it "
+                "with num_inference_steps = this (teacher source; docs/methods.md#distillation)."})
+    student_guidance: float = field(default=1.0, metadata={
+        "help": "CFG scale the student samples with; <= 1 runs the conditional branch only (the teacher's guidance "
+                "is distilled into the weights): call the saved pipeline with guidance_scale=this."})
+    teacher_steps: int = field(default=20, metadata={
+        "help": "Teacher ODE steps N (DDIM eta 0 on LCM's skip grid of N timesteps, 999 ... T/N - 1); the saved "
+                "LCMScheduler's original_inference_steps."})
+    teacher_guidance: float = field(default=4.0, metadata={"help": "CFG scale of the teacher's ODE."})
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.student_steps <= self.teacher_steps:
+            raise ValueError(f"distill.student_steps is {self.student_steps}; LCMScheduler samples 1 to "
+                             f"distill.teacher_steps ({self.teacher_steps}) steps (use 1-4 for a few-step student).")
+
+
+@dataclass
 class TrainConfig:
     model: ModelConfig = field(metadata={"help": "The generator and how it is trained."})
     sample: SampleConfig = field(default_factory=SampleConfig, metadata={
@@ -239,6 +260,8 @@ class TrainConfig:
     run: RunConfig = field(default_factory=RunConfig, metadata={"help": "Output, length, checkpoints, logs."})
     text: TextConfig = field(default_factory=TextConfig, metadata={
         "help": "Text generation of causal-LM runs (text-* objectives; docs/methods.md#text-core)."})
+    distill: DistillConfig = field(default_factory=DistillConfig, metadata={
+        "help": "Few-step student and teacher schedules (source.name: teacher; visalign distill)."})
 
     def __post_init__(self) -> None:
         o = self.objective
@@ -254,6 +277,10 @@ class TrainConfig:
                 raise ValueError("sample.prompts is empty: give a prompt file (.txt, .jsonl or .csv).")
             if not self.reward.terms:
                 raise ValueError("reward.terms is empty: name at least one scorer, e.g. terms: [brightness].")
+        elif self.source.name == "teacher" or (not self.source.name and _default_source(o.name) == "teacher"):
+            if not self.sample.prompts:
+                raise ValueError("sample.prompts is empty: the teacher source samples the teacher on a prompt file "
+                                 "(.txt, .jsonl or .csv).")
         elif not self.source.pairs.path and (self.source.name or _default_source(o.name)) == "pairs":
             raise ValueError("source.pairs.path is empty: give a pair file (.jsonl/.csv with prompt, chosen, "
                              "rejected columns), a datasets folder or a hub dataset id.")

@@ -42,6 +42,8 @@ class Evaluator:
                 raise ValueError("eval.prompts is set but there is nothing to score them with: give eval.scorers "
                                  "(the run has no training reward).")
         self.reference_paths = self._reference_paths(e.prompts) if self.prompts else None
+        # (prompts, seed) → media replacing the DDIM rollout; set by the engine from the source's eval_sampler().
+        self.sampler: Any = None
 
     def _reference_paths(self, table: str) -> list[Path] | None:
         rows = [m.get("reference") for m in self.metadata]
@@ -85,13 +87,17 @@ class Evaluator:
         """Eval samples of a generator on the eval sampler, one per prompt."""
         e, s = self.config.eval, self.config.sample
         res = self.config.model.resolution
-        rollout = adapter.rollout(self.prompts, images_per_prompt=1, steps=e.steps or s.steps, guidance=s.guidance,
-                                  eta=e.eta, seed=e.seed, negative_prompt=s.negative_prompt, height=res, width=res)
-        refs = self.references(tuple(rollout.media.shape[-2:]))
-        batch = ScoreBatch(prompts=rollout.prompts, media=rollout.media,
-                           references=None if refs is None else refs.to(rollout.media),
+        if self.sampler is not None:  # the source's own sampler (a few-step student's)
+            media = self.sampler(list(self.prompts), e.seed)
+        else:
+            media = adapter.rollout(self.prompts, images_per_prompt=1, steps=e.steps or s.steps, guidance=s.guidance,
+                                    eta=e.eta, seed=e.seed, negative_prompt=s.negative_prompt, height=res,
+                                    width=res).media
+        refs = self.references(tuple(media.shape[-2:]))
+        batch = ScoreBatch(prompts=list(self.prompts), media=media,
+                           references=None if refs is None else refs.to(media),
                            metadata=self.metadata if any(self.metadata) else None)
-        return batch, rollout.media
+        return batch, media
 
     def _text_batch(self, adapter: Any) -> tuple[ScoreBatch, None]:
         """Eval completions of a causal LM: ``text.eval_samples_per_prompt`` per prompt at ``text.eval_temperature``

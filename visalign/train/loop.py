@@ -96,6 +96,7 @@ class Trainer:
         self.adapter = source_cls.load_model(m, device)  # a diffusers generator, or a causal LM for text sources
         self.source.attach(self.adapter)
         self.precision = Precision(precision, torch.device(device))
+        self.evaluator.sampler = self.source.eval_sampler()
         self._setup_training(m)
         self.precision.wrap(self.adapter.denoiser)
         self.optimizer_steps = 0

@@ -96,6 +96,11 @@ class ExperienceSource:
         """``(media, columns)`` of the batch for the training grid, or None."""
         return None
 
+    def eval_sampler(self) -> Callable[[list[str], int], Tensor] | None:
+        """``(prompts, seed) → media`` the engine's evaluation samples with instead of the DDIM rollout (a few-step
+        student's own sampler), or None (the default: ``adapter.rollout`` with ``eval.steps`` and ``eval.eta``)."""
+        return None
+
     def state_dict(self) -> dict[str, Any]:
         """State shared by every process (e.g. a stream's position), saved once in checkpoints."""
         return {}
