@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from visalign.cli import main
@@ -158,3 +159,58 @@ def test_bare_scorers_command_lists_every_card(capsys):
     assert "shapes-clip" in listed and "differentiable" in listed
     assert main(["scorers", "list", "--modality", "text"]) == 0
     assert "shapes-clip" not in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------- text completions
+
+
+def write_completions(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_text_scorers_score_a_completion_table_as_the_reward_of_a_text_recipe_does(tmp_path, capsys):
+    """The same scorer ids serve ``visalign score --texts`` and a text recipe's RewardSpec: equal values, row by row;
+    a TRL-style function (the text world's checker, by import path) included."""
+    from visalign.rewards import RewardSpec
+    from visalign.scorers import ScoreBatch
+
+    rows = [{"prompt": "rev abc=", "completion": "cba"}, {"prompt": "sort cab=", "completion": "acb"},
+            {"prompt": "rev ab=", "completion": ""}, {"prompt": "sort ba=", "completion": " ab "}]
+    table = write_completions(tmp_path / "completions.jsonl", rows)
+    out = tmp_path / "scores.csv"
+    checker = "visalign.text.world:StringTaskReward"
+    code = main(["score", "--scorer", f"{checker},text-length-target", "--texts", str(table), "--out", str(out),
+                 "--batch-size", "3", "--no-progress"])
+    assert code == 0, capsys.readouterr().err
+    scored = list(csv.DictReader(out.open()))
+    assert [r["completion"] for r in scored] == [r["completion"] for r in rows]
+    assert [r["row"] for r in scored] == ["1", "2", "3", "4"]
+    assert [float(r["string-task-accuracy"]) for r in scored] == [1.0, 0.0, 0.0, 1.0]
+
+    spec = RewardSpec.from_config({"terms": [checker, "text-length-target"], "modality": "text"})
+    out_spec = spec(ScoreBatch(prompts=[r["prompt"] for r in rows], texts=[r["completion"] for r in rows]))
+    for name in ("string-task-accuracy", "text-length-target"):
+        assert [float(r[name]) for r in scored] == pytest.approx(out_spec.raw[name].tolist(), rel=1e-5)
+
+
+def test_text_table_columns_reach_a_trl_function_and_bad_tables_are_named(tmp_path, capsys):
+    rows = [{"prompt": "p", "completion": "abc", "target": 3}, {"prompt": "q", "completion": "a", "target": 2}]
+    out = tmp_path / "scores.jsonl"
+    code = main(["score", "--scorer", "tests.test_score_cli:length_matches_target", "--texts",
+                 str(write_completions(tmp_path / "t.jsonl", rows)), "--out", str(out), "--no-progress"])
+    assert code == 0, capsys.readouterr().err
+    assert [json.loads(line)["reward"]["length-matches-target"] for line in out.open()] == [1.0, 0.0]
+
+    bad = write_completions(tmp_path / "bad.jsonl", [{"prompt": "p", "text": "no completion column"}])
+    assert main(["score", "--scorer", "text-length-target", "--texts", str(bad), "--out", str(out)]) == 2
+    assert "row 1 needs 'prompt' and 'completion'" in capsys.readouterr().err
+    assert main(["score", "--scorer", "brightness", "--texts", str(bad), "--out", str(out)]) == 2
+    assert "scores images, not texts: pass --images DIR" in capsys.readouterr().err
+    assert main(["score", "--scorer", "text-length-target", "--images", str(SAMPLES), "--out", str(out)]) == 2
+    assert "scores texts, not images: pass --texts FILE" in capsys.readouterr().err
+
+
+def length_matches_target(prompts: list[str], completions: list[str], target: list[int], **_: object) -> list[float]:
+    """A TRL-style reward reading the table's ``target`` column."""
+    return [float(len(c) == t) for c, t in zip(completions, target, strict=True)]

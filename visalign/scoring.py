@@ -1,8 +1,10 @@
-"""Score folders of media files with one or more scorers, streaming, in batches.
+"""Score folders of media files, or a table of text completions, with one or more scorers, streaming, in batches.
 
 This is the library behind ``visalign score``: it pairs files with prompts (a prompt file, or a captions
 table), loads media batch by batch (memory stays flat however many files there are), reports and skips
-unreadable files, scores each batch with every scorer and yields one row per good file.
+unreadable files, scores each batch with every scorer and yields one row per good file. Text scorers read a
+``prompt``/``completion`` table instead (:func:`collect_text_items`), through the same scorer objects a text recipe
+uses.
 """
 
 from __future__ import annotations
@@ -35,12 +37,33 @@ class MediaItem:
     reference: Path | None = None
     metadata: dict[str, Any] = field(default_factory=dict)
 
+    def columns(self) -> dict[str, Any]:
+        """The leading output columns of this item's row."""
+        return {"file": str(self.path), "prompt": self.prompt}
+
+
+@dataclass
+class TextItem:
+    """One completion to score: row ``index`` (1-based) of a table, its prompt and the table's other columns."""
+
+    index: int
+    prompt: str
+    completion: str
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    def columns(self) -> dict[str, Any]:
+        return {"row": self.index, "prompt": self.prompt, "completion": self.completion}
+
+
+MEDIA_COLUMNS = ("file", "prompt")
+TEXT_COLUMNS = ("row", "prompt", "completion")
+
 
 @dataclass
 class ScoredRow:
     """Scores of one file: ``rewards[id]`` and ``raws[id]`` per scorer (NaN = does not apply)."""
 
-    item: MediaItem
+    item: MediaItem | TextItem
     rewards: dict[str, float]
     raws: dict[str, float]
 
@@ -145,6 +168,27 @@ def collect_items(media_dir: str | os.PathLike[str], modality: str = "image", pr
     return [MediaItem(f, p, r, m) for f, p, r, m in zip(files, prompts, references, metadata, strict=True)]
 
 
+def collect_text_items(path: str | os.PathLike[str]) -> list[TextItem]:
+    """Rows of a ``.jsonl``/``.csv`` table with ``prompt`` and ``completion`` columns (TRL's names; ``completion``
+    may be empty, which text scorers score like any other string). Other columns become metadata, which TRL-style
+    reward functions receive as keyword columns."""
+    rows = read_table(path)
+    if not rows:
+        raise InputError(f"{path}: the table has no rows; give one row per completion with 'prompt' and "
+                         "'completion'.")
+    items = []
+    for i, row in enumerate(rows, 1):
+        if not isinstance(row, dict) or "completion" not in row or "prompt" not in row:
+            have = sorted(row) if isinstance(row, dict) else type(row).__name__
+            raise InputError(f"{path}: row {i} needs 'prompt' and 'completion' columns (has {have}).")
+        completion = row["completion"]
+        if not isinstance(completion, str):
+            raise InputError(f"{path}: row {i}: 'completion' must be a string, got {type(completion).__name__}.")
+        meta = {k: v for k, v in row.items() if k not in ("prompt", "completion")}
+        items.append(TextItem(i, str(row["prompt"]), completion, meta))
+    return items
+
+
 # ---------------------------------------------------------------- scoring
 
 
@@ -205,13 +249,27 @@ def _score_loaded(scorers: Sequence[Scorer], loaded: list[tuple[MediaItem, torch
         yield rows[i]
 
 
+def score_text_items(scorers: Sequence[Scorer], items: Sequence[TextItem], *, batch_size: int = 16
+                     ) -> Iterator[ScoredRow]:
+    """Yield one :class:`ScoredRow` per completion, in table order, ``batch_size`` completions per scorer call."""
+    for chunk in _batches(items, batch_size):
+        batch = ScoreBatch(prompts=[it.prompt for it in chunk], texts=[it.completion for it in chunk],
+                           metadata=[it.metadata for it in chunk] if any(it.metadata for it in chunk) else None)
+        outs = {s.id: s(batch) for s in scorers}
+        for j, item in enumerate(chunk):
+            yield ScoredRow(item, {k: float(o.reward[j]) for k, o in outs.items()},
+                            {k: float(o.raw[j]) for k, o in outs.items()})
+
+
 # ---------------------------------------------------------------- writing and summarising
 
 
 class RowWriter:
     """Streams rows to ``.csv`` or ``.jsonl`` as they arrive (flushed per row, so a crash loses nothing)."""
 
-    def __init__(self, path: str | os.PathLike[str], scorer_ids: Sequence[str]):
+    def __init__(self, path: str | os.PathLike[str], scorer_ids: Sequence[str],
+                 leading: Sequence[str] = MEDIA_COLUMNS):
+        self.leading = tuple(leading)
         self.path = Path(path)
         suffix = self.path.suffix.lower()
         if suffix not in (".csv", ".jsonl"):
@@ -223,14 +281,15 @@ class RowWriter:
         self._csv = None
         if suffix == ".csv":
             self._csv = csv.writer(self._fh)
-            self._csv.writerow(["file", "prompt", *self.ids, *(f"{i}_raw" for i in self.ids)])
+            self._csv.writerow([*self.leading, *self.ids, *(f"{i}_raw" for i in self.ids)])
 
     def write(self, row: ScoredRow) -> None:
+        lead = row.item.columns()
         if self._csv is not None:
-            self._csv.writerow([str(row.item.path), row.item.prompt, *(_num(row.rewards[i]) for i in self.ids),
+            self._csv.writerow([*(lead[c] for c in self.leading), *(_num(row.rewards[i]) for i in self.ids),
                                 *(_num(row.raws[i]) for i in self.ids)])
         else:
-            record = {"file": str(row.item.path), "prompt": row.item.prompt,
+            record = {**{c: lead[c] for c in self.leading},
                       "reward": {i: _json_num(row.rewards[i]) for i in self.ids},
                       "raw": {i: _json_num(row.raws[i]) for i in self.ids}}
             self._fh.write(json.dumps(record) + "\n")

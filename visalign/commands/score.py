@@ -1,4 +1,4 @@
-"""``visalign score``: score a folder of images or videos with one or more registered scorers."""
+"""``visalign score``: score a folder of images or videos, or a table of text completions, with registered scorers."""
 
 from __future__ import annotations
 
@@ -12,10 +12,15 @@ EPILOG = """examples:
   visalign score --scorer clip-vit-b32 --images gen/ --prompts prompts.txt --out scores.jsonl
   visalign score --scorer pickscore --weights pickscore=/models/PickScore_v1 --images gen/ \\
       --captions captions.csv --out scores.csv --device cuda --dtype bfloat16
+  visalign score --scorer text-length-target --texts completions.jsonl --out scores.csv
+  visalign score --scorer visalign.text.world:StringTaskReward --texts completions.csv --out scores.jsonl
 
 Prompts pair with files in sorted file-name order (--prompts: one line per file), or by name
 (--captions: a .jsonl/.csv table with 'file' and 'prompt' columns; extra columns become metadata).
 Unreadable files are reported and skipped (exit code 3); --strict stops at the first one instead.
+Text scorers (and TRL-style functions 'pkg.module:fn') read --texts: a .jsonl/.csv table with 'prompt' and
+'completion' columns, one row per completion; its other columns reach the scorer as metadata (TRL keyword columns).
+These are the same scorer objects a text recipe's reward uses.
 """
 
 DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
@@ -25,12 +30,15 @@ DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("score", help="Score a folder of images or videos.", epilog=EPILOG,
                        formatter_class=argparse.RawDescriptionHelpFormatter,
-                       description="Score every image (or video) in a folder with one or more scorers and write "
-                                   "one row per file, streaming; a summary table is printed at the end.")
+                       description="Score every image (or video) in a folder, or every completion of a text table, "
+                                   "with one or more scorers and write one row per sample, streaming; a summary "
+                                   "table is printed at the end.")
     p.add_argument("--scorer", required=True, help="Scorer id(s), comma-separated (see 'visalign scorers list').")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--images", metavar="DIR", help="Folder of images (png, jpg, webp, ...).")
     src.add_argument("--videos", metavar="DIR", help="Folder of videos (mp4/gif, or sub-folders of frames).")
+    src.add_argument("--texts", metavar="FILE", help="A .jsonl or .csv of completions: 'prompt' and 'completion' "
+                                                     "columns (text scorers).")
     p.add_argument("--prompts", metavar="FILE", help="Text file, one prompt per media file, in sorted file order.")
     p.add_argument("--captions", metavar="FILE", help="A .jsonl or .csv with 'file' and 'prompt' columns.")
     p.add_argument("--references", metavar="DIR", help="Reference images: same name stem as each file, or just one.")
@@ -60,21 +68,38 @@ def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from visalign.media import MediaError
-    from visalign.registry import UnknownIdError
+    from visalign.registry import UnknownIdError, is_import_path
     from visalign.scorers import WeightsUnavailableError, get_scorer, scorer_card
-    from visalign.scoring import InputError, RowWriter, RunningSummary, SkippedFile, collect_items, score_items
+    from visalign.scoring import (
+        MEDIA_COLUMNS,
+        TEXT_COLUMNS,
+        InputError,
+        RowWriter,
+        RunningSummary,
+        SkippedFile,
+        collect_items,
+        collect_text_items,
+        score_items,
+        score_text_items,
+    )
     from visalign.table import format_table
 
-    modality = "video" if args.videos else "image"
+    modality = "text" if args.texts else "video" if args.videos else "image"
     weights = _parse_weights(args.weights)
     ids = [s.strip() for s in args.scorer.split(",") if s.strip()]
     if args.batch_size < 1:
         raise SystemExit("visalign score: --batch-size must be at least 1.")
     try:
-        cards = [scorer_card(i) for i in ids]
+        if modality == "text" and (args.prompts or args.captions or args.references or args.max_frames):
+            raise InputError("--texts tables carry their own 'prompt' column; --prompts, --captions, --references "
+                             "and --max-frames apply to --images/--videos.")
+        cards = [scorer_card(i) for i in ids if not is_import_path(i)]
         for card in cards:
-            if card.modality == "text":
-                raise InputError(f"Scorer {card.id!r} scores texts, not {modality}s.")
+            if (card.modality == "text") != (modality == "text"):
+                hint = "pass --texts FILE" if card.modality == "text" else "pass --images DIR or --videos DIR"
+                raise InputError(f"Scorer {card.id!r} scores {card.modality}s, not {modality}s: {hint}.")
+            if modality == "text":
+                continue
             if "prompt" in card.needs and not (args.prompts or args.captions):
                 raise InputError(f"Scorer {card.id!r} needs prompts: pass --prompts FILE or --captions FILE.")
             if "reference" in card.needs and not args.references:
@@ -82,9 +107,12 @@ def run(args: argparse.Namespace) -> int:
         unknown_weights = set(weights) - set(ids)
         if unknown_weights:
             raise InputError(f"--weights names {sorted(unknown_weights)}, which are not among --scorer {ids}.")
-        scorers = [get_scorer(i, device=args.device, dtype=getattr(torch, DTYPES[args.dtype]), weights=weights.get(i))
-                   for i in ids]
-        items = collect_items(args.videos or args.images, modality, args.prompts, args.captions, args.references)
+        scorers = [get_scorer(i, device=args.device, dtype=getattr(torch, DTYPES[args.dtype]), weights=weights.get(i),
+                              modality=modality) for i in ids]
+        ids = [s.id for s in scorers]  # an import path's scorer names itself
+        items = (collect_text_items(args.texts) if modality == "text"
+                 else collect_items(args.videos or args.images, modality, args.prompts, args.captions,
+                                    args.references))
     except (UnknownIdError, InputError, MediaError) as err:
         print(f"visalign score: {err}", file=sys.stderr)
         return 2
@@ -92,10 +120,12 @@ def run(args: argparse.Namespace) -> int:
     skipped: list[SkippedFile] = []
     summary = RunningSummary(ids)
     bar = tqdm(total=len(items), unit=modality, disable=args.no_progress, dynamic_ncols=True)
+    rows = (score_text_items(scorers, items, batch_size=args.batch_size) if modality == "text"
+            else score_items(scorers, items, modality=modality, batch_size=args.batch_size, strict=args.strict,
+                             max_frames=args.max_frames, skipped=skipped))
     try:
-        with RowWriter(args.out, ids) as writer:
-            for row in score_items(scorers, items, modality=modality, batch_size=args.batch_size,
-                                   strict=args.strict, max_frames=args.max_frames, skipped=skipped):
+        with RowWriter(args.out, ids, TEXT_COLUMNS if modality == "text" else MEDIA_COLUMNS) as writer:
+            for row in rows:
                 writer.write(row)
                 summary.add(row)
                 bar.update(1)
