@@ -19,6 +19,7 @@ FORBIDDEN = {
     "generators": ("train", "rewards", "shapes", "objectives", "scorers"),
     "objectives": ("train", "shapes"),
     "train": ("shapes",),
+    "text": ("shapes",),
     "reductions.py": ("scorers", "rewards", "train", "shapes", "objectives", "generators"),
 }
 _LAZY = re.compile(r"^visalign\.([a-z_]+)(\.[a-z_.]+)?:[A-Za-z_]+$")
