@@ -19,6 +19,7 @@ COMMANDS: dict[str, str] = {
     "convert-weights": "visalign.commands.convert_weights",
     "shapes": "visalign.commands.shapes",
     "demo": "visalign.commands.demo",
+    "rm": "visalign.commands.rm",
 }
 
 

@@ -262,7 +262,20 @@ class VlmYesScorer(Scorer):
     # ------------------------------------------------------------------ the forward pass
     def answer_probs(self, images: list[list[Tensor]], questions: list[str],
                      kind: str = "image") -> tuple[Tensor, Tensor]:
-        """P(yes) and P(yes)/(P(yes)+P(no)) for N queries, in one forward pass.
+        """P(yes) and P(yes)/(P(yes)+P(no)) for N queries, in one forward pass (see :meth:`answer_log_probs`).
+
+        Returns:
+            ``(p_yes, p_yes_renorm)``, each float32 ``[N]`` in [0, 1]; differentiable in ``images`` when grad is
+            enabled and the family has a tensor preprocessing path.
+        """
+        logp = self.answer_log_probs(images, questions, kind)
+        lse_yes = torch.logsumexp(logp[:, self.yes_ids], dim=-1)
+        lse_no = torch.logsumexp(logp[:, self.no_ids], dim=-1)
+        return lse_yes.exp(), torch.sigmoid(lse_yes - lse_no)
+
+    def answer_log_probs(self, images: list[list[Tensor]], questions: list[str], kind: str = "image") -> Tensor:
+        """Log-softmax over the vocabulary at the answer position of N queries, in one forward pass; also what a
+        reward-model trainer differentiates (visalign/rm/yes_token.py).
 
         Args:
             images: per query, its visual inputs, all the same size: images float in [0, 1] ``[3, H, W]``, or for
@@ -271,8 +284,8 @@ class VlmYesScorer(Scorer):
             kind: ``"image"`` or ``"video"`` (native video input).
 
         Returns:
-            ``(p_yes, p_yes_renorm)``, each float32 ``[N]`` in [0, 1]; differentiable in ``images`` when grad is
-            enabled and the family has a tensor preprocessing path.
+            float32 ``[N, V]``; differentiable in ``images`` (and in the model's weights when they require grad)
+            when grad is enabled and the family has a tensor preprocessing path.
         """
         texts = [self.render(q, len(ims), kind) for q, ims in zip(questions, images, strict=True)]
         inputs = self.model_inputs(texts, images, kind)
@@ -287,10 +300,7 @@ class VlmYesScorer(Scorer):
             last = (mask * torch.arange(mask.shape[1], device=mask.device)).argmax(dim=1)
             logits = self.model(**inputs, use_cache=False).logits[torch.arange(mask.shape[0], device=mask.device),
                                                                    last]
-        logp = torch.log_softmax(logits.float(), dim=-1)
-        lse_yes = torch.logsumexp(logp[:, self.yes_ids], dim=-1)
-        lse_no = torch.logsumexp(logp[:, self.no_ids], dim=-1)
-        return lse_yes.exp(), torch.sigmoid(lse_yes - lse_no)
+        return torch.log_softmax(logits.float(), dim=-1)
 
     def model_inputs(self, texts: list[str], images: list[list[Tensor]], kind: str = "image") -> dict[str, Any]:
         """The model's inputs for rendered ``texts`` and their visual inputs (see :meth:`answer_probs`).
