@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -148,3 +149,25 @@ def test_polish_row_continues_the_grpo_lora_on_the_differentiable_terms(bench, t
     assert bench.resolve_recipe("grpo", {})["polish_iterations"] == 0
     with pytest.raises(ValueError, match="differentiable"):
         bench.polish_rewards([{"scorer": "shapes-oracle", "weight": 1.0}])
+
+
+def test_nft_row_trains_on_clean_eta0_samples_through_the_benchmark(bench, tmp_path):
+    # The likelihood-free row (docs/methods.md#nft) at the smallest budget: its recipe samples with η = 0 (it needs
+    # no log-prob), the Trainer runs the nft objective, and the cell records a trained LoRA graded before and after.
+    args = tiny_args(tmp_path)
+    args[args.index("pareto")] = "nft"
+    args[args.index("--seeds"):args.index("--seeds")] = ["--rewards", "oracle"]
+    bench.main(args)
+    cell = json.loads((tmp_path / "cells" / "nft__oracle__seed0.json").read_text())
+    assert cell["fingerprint"]["objective"] == "nft" and cell["fingerprint"]["recipe"]["eta"] == 0.0
+    assert cell["fingerprint"]["recipe"]["polish_iterations"] == 0
+    for name in ("heldin", "heldout"):
+        before, after = cell["sets"][name]["oracle_all"]
+        assert cell["sets"][name]["oracle_all_gain"] == pytest.approx(after - before)
+    run = tmp_path / "runs" / "nft__oracle__seed0"
+    config = json.loads((run / "train" / "config.json").read_text())
+    assert config["objective"]["name"] == "nft" and config["sample"]["eta"] == 0.0
+    metrics = [json.loads(line) for line in (run / "train" / "metrics.jsonl").read_text().splitlines()]
+    losses = [row["loss"] for row in metrics if "loss" in row]
+    assert losses and all(math.isfinite(v) for v in losses)
+    assert (run / "train" / "final" / "pytorch_lora_weights.safetensors").is_file()

@@ -16,9 +16,12 @@ COMMANDS: dict[str, str] = {
     "sample": "visalign.commands.sample",
     "score": "visalign.commands.score",
     "train": "visalign.commands.train",
+    "distill": "visalign.commands.distill",
     "convert-weights": "visalign.commands.convert_weights",
     "shapes": "visalign.commands.shapes",
     "demo": "visalign.commands.demo",
+    "serve": "visalign.commands.serve",
+    "export": "visalign.commands.export",
     "rm": "visalign.commands.rm",
 }
 

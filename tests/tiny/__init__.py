@@ -17,6 +17,7 @@ BUILDERS: dict[str, str] = {
     "visalign.scorers.clip:ClipScorer": "tests.tiny.clip:build_clip_scorer",
     "visalign.scorers.distributional:DistributionalScorer": "tests.tiny.distributional:build_tiny_distributional",
     "visalign.scorers.remote:RemoteYesScorer": "tests.tiny.remote:build_tiny_remote",
+    "visalign.scorers.remote:ServedScorer": "tests.tiny.served:build_tiny_served",
     "visalign.scorers.embedding_head:EmbeddingHeadScorer": "tests.tiny.clip:build_embedding_head_scorer",
     "visalign.scorers.text:SequenceClassificationScorer": "tests.tiny.text:build_sequence_classifier",
     "visalign.scorers.vlm_yes:VlmYesScorer": "tests.tiny.vlm:build_vlm_yes",

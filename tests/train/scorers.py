@@ -28,3 +28,23 @@ class AlwaysNan:
 
     def __call__(self, media: torch.Tensor, prompts: list[str], **kwargs: object) -> torch.Tensor:
         return torch.full((media.shape[0],), float("nan"))
+
+
+class FailsEveryThird:
+    """Mean pixel value ``[B]``, but every third call raises (a flaky reward server): calls 3, 6, 9... fail."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def __call__(self, media: torch.Tensor, prompts: list[str], **kwargs: object) -> torch.Tensor:
+        self.calls += 1
+        if self.calls % 3 == 0:
+            raise ConnectionError(f"call {self.calls}: the reward server dropped the connection")
+        return media.float().flatten(1).mean(1)
+
+
+class AlwaysFails:
+    """Raises on every call (a broken scorer)."""
+
+    def __call__(self, media: torch.Tensor, prompts: list[str], **kwargs: object) -> torch.Tensor:
+        raise RuntimeError("this scorer is broken")

@@ -150,11 +150,13 @@ def test_failure_mid_write_leaves_the_previous_checkpoint(tmp_path, monkeypatch)
     with pytest.raises(OSError, match="No space left"):
         _save(tmp_path, 4, params, opt)
     assert latest_checkpoint(tmp_path).name == "step-000002"
-    assert any(p.name.startswith("step-000004.tmp-") for p in (tmp_path / "checkpoints").iterdir())
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-000002"], "the torn folder is gone"
+    loaded, _, _, state = load_checkpoint(latest_checkpoint(tmp_path))
+    assert state["iteration"] == 2 and all(torch.equal(loaded[n], params[n].detach()) for n in params)
     monkeypatch.setattr(ckpt, "save_file", real_save)
     _save(tmp_path, 6, params, opt)
     names = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
-    assert names == ["step-000002", "step-000006"], "the next save removes the torn temp folder"
+    assert names == ["step-000002", "step-000006"]
 
 
 def test_only_complete_step_folders_count(tmp_path):

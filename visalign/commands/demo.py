@@ -15,6 +15,7 @@ EPILOG = """examples:
   visalign demo                                   # GRPO on the tuned CLIP proxy + colour, then polish; runs/demo/
   visalign demo --reward shapes-oracle --out runs/demo-oracle   # the verifiable reward itself (+ colour fidelity)
   visalign demo --objective draft                 # reward backprop through the 10-step chain (4 x 4 samples)
+  visalign demo --objective nft --polish-iterations 0   # DiffusionNFT (likelihood-free, η = 0 sampling)
   visalign demo --extra-reward none               # the proxy alone, without the colour-fidelity term
   visalign demo --polish-iterations 0             # GRPO only, no reward-backprop polish afterwards
   visalign demo --polish-reward shapes-colour     # polish the colours alone

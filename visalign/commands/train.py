@@ -12,7 +12,8 @@ EPILOG = """examples:
 
 The run folder gets config.json, metrics.jsonl (+ TensorBoard), grids/, checkpoints/ and final/ (LoRA weights
 that stock diffusers loads with pipe.load_lora_weights). Re-running the same command resumes from the newest
-complete checkpoint; --no-resume starts over.
+complete checkpoint (refused when the recipe changed, unless --resume-changed); --no-resume starts over. SIGTERM or
+Ctrl-C stops after the current iteration at a checkpoint, with exit status 0.
 """
 
 
@@ -23,6 +24,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("recipe", nargs="?", help="A YAML recipe (see pipelines/).")
     p.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. optim.lr=3e-5.")
     p.add_argument("--no-resume", action="store_true", help="Ignore existing checkpoints in run.output_dir.")
+    p.add_argument("--resume-changed", action="store_true",
+                   help="Resume even though the recipe differs from the checkpoint's (the differences are printed).")
     p.add_argument("--help-config", action="store_true", help="Print every config field and exit.")
 
 
@@ -45,14 +48,21 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         trainer = Trainer(config)
-        summary = trainer.run(resume=not args.no_resume)
+        summary = trainer.run(resume=not args.no_resume, resume_changed=args.resume_changed)
     except (TrainingError, OSError, ValueError) as err:  # OSError: unwritable folders, missing files
         print(f"visalign train: {err}", file=sys.stderr)
         return 1
     if not trainer.dist.is_main:  # under accelerate launch the main process reports for all of them
         return 0
+    if summary.get("stopped_by"):  # SIGTERM / SIGINT: a clean stop at a checkpoint is a success
+        print(f"stopped by {summary['stopped_by']} at iteration {summary['iterations']}; checkpoint "
+              f"{summary['checkpoint']}. Run the same command again to resume.")
+        return 0
     print(summary_table(summary))
-    print(f"final weights: {summary['final_weights']}  (pipe.load_lora_weights(that folder) in diffusers)")
+    loads_with = ("a peft / transformers folder: model.load_adapter(that folder)"
+                  if getattr(trainer.adapter, "modality", "image") == "text"
+                  else "pipe.load_lora_weights(that folder) in diffusers")
+    print(f"final weights: {summary['final_weights']}  ({loads_with})")
     return 0
 
 

@@ -132,12 +132,20 @@ OBJECTIVES: Registry[type[Objective]] = Registry("objective", builtin={
     "rpo-harmonic": "visalign.objectives.rpo_harmonic:RpoHarmonicObjective",
     "nft": "visalign.objectives.nft:NftObjective",
     "awm": "visalign.objectives.awm:AwmObjective",
+    # The text core (docs/methods.md#text-core): the same contract over a causal-LM policy's batches.
+    "text-grpo": "visalign.text.grpo:TextGrpoObjective",
+    "text-rloo": "visalign.text.rloo:TextRlooObjective",
+    "text-dpo": "visalign.text.dpo:TextDpoObjective",
+    "text-best-of-n": "visalign.text.best_of_n:TextBestOfNObjective",
+    "text-raft": "visalign.text.best_of_n:TextBestOfNObjective",
+    "rg-lcm": "visalign.objectives.rg_lcm:RgLcmObjective",
+    "r0": "visalign.objectives.r0:R0Objective",
 })
 
 
 def build_objective(name: str, params: dict[str, Any] | None = None) -> Objective:
     """An objective by id (``grpo``, ``prdp``, ``dragon``, ``raft``, ``draft``, ``alignprop``, ``refl``,
-    ``diffusion-dpo``, ``rpo-harmonic``, ``nft``, ``awm``) or ``"pkg.module:Class"``."""
+    ``diffusion-dpo``, ``rpo-harmonic``, ``nft``, ``awm``, ``rg-lcm``, ``r0``) or ``"pkg.module:Class"``."""
     return OBJECTIVES.get(name)(params)
 
 

@@ -7,6 +7,7 @@ Each objective declares the one type it consumes (``Objective.consumes``) and ea
 - :class:`PairBatch`: preference pairs as clean latents with their prompt condition (Diffusion-DPO, RPO); made
   offline from files by the ``pairs`` source, or online from a scored rollout by :func:`best_worst_pairs`.
 - :class:`DenoisingBatch`: clean latents to fit with the ordinary denoising loss (RAFT's kept samples).
+- :class:`TeacherBatch`: teacher ODE trajectories on a few-step student's grid (the ``teacher`` source; RG-LCM, R0).
 """
 
 from __future__ import annotations
@@ -104,6 +105,36 @@ class DenoisingBatch:
 
     def __len__(self) -> int:
         return int(self.latents.shape[0])
+
+
+@dataclass
+class TeacherBatch:
+    """B teacher ODE trajectories on the student's LCM grid (docs/methods.md#distillation).
+
+    Attributes:
+        prompts: B prompts (each repeated ``sample.images_per_prompt`` times, consecutively).
+        condition: B rows of prompt conditioning, with negatives when the teacher or the student uses CFG.
+        trajectory: float32 ``[B, N+1, ...]``: index 0 the initial noise at ``schedule.grid[0]``, index j the teacher's
+            latents at ``grid[j]``, index N its clean sample.
+        schedule: the student's :class:`~visalign.generators.consistency.StudentSchedule` (timesteps, grid, scalings).
+        size: ``(height, width)`` in pixels.
+        metadata: one dict per sample (the prompt table's other columns), or None.
+    """
+
+    prompts: list[str]
+    condition: Condition
+    trajectory: Tensor
+    schedule: Any
+    size: tuple[int, int]
+    metadata: list[dict[str, Any]] | None = None
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+    @property
+    def teacher_samples(self) -> Tensor:
+        """The teacher's clean latents ``[B, ...]`` (the trajectories' ends)."""
+        return self.trajectory[:, -1]
 
 
 def best_worst_pairs(rewards: Tensor, group_ids: Tensor, weights: Tensor) -> tuple[Tensor, Tensor]:

@@ -153,6 +153,9 @@ class RewardSpec:
             their advantage (:meth:`for_update`).
         uncertainty_weights: multiply per-sample update weights by the ``{name}/weight`` extras of
             uncertainty-aware terms (:meth:`for_update`).
+        dtype: compute dtype of the scorers (``float32``, ``bfloat16``, ``float16``); rewards stay float32.
+        modality: how a plain callable among the terms is called: ``image`` / ``video`` as ``fn(media, prompts)``,
+            ``text`` as a TRL reward ``fn(prompts=..., completions=..., **columns)``; the engine passes its source's.
     """
 
     terms: list[RewardTerm]
@@ -161,6 +164,8 @@ class RewardSpec:
     device: str = "cpu"
     pareto: bool = False
     uncertainty_weights: bool = True
+    dtype: str = "float32"
+    modality: str = "image"
 
     def __post_init__(self) -> None:
         self.terms = [RewardTerm.from_config(t) for t in self.terms]
@@ -171,7 +176,8 @@ class RewardSpec:
         self.scorers: dict[str, Scorer] = {}
         self.transforms: dict[str, Transform] = {}
         for term in self.terms:
-            scorer = get_scorer(term.scorer, device=self.device, params=term.params)
+            scorer = get_scorer(term.scorer, device=self.device, params=term.params, dtype=getattr(torch, self.dtype),
+                                modality=self.modality)
             name = term.name or scorer.id
             if name in self.scorers:
                 raise ValueError(f"Two reward terms are named {name!r}; give one of them a distinct 'name'.")
@@ -188,7 +194,8 @@ class RewardSpec:
         Unknown keys raise.
         """
         if isinstance(config, dict):
-            allowed = {"terms", "aggregation", "advantage", "device", "pareto", "uncertainty_weights"}
+            allowed = {"terms", "aggregation", "advantage", "device", "pareto", "uncertainty_weights", "dtype",
+                       "modality"}
             unknown = set(config) - allowed
             if unknown:
                 raise ValueError(f"Unknown key(s) {sorted(unknown)} in reward config; allowed: {sorted(allowed)}.")

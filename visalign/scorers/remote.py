@@ -24,9 +24,10 @@ import os
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from http.client import HTTPException
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import Tensor
@@ -37,6 +38,7 @@ from visalign.scorers.card import ScorerCard
 __all__ = ["RemoteScorerError", "RemoteYesScorer", "first_token_top_logprobs", "yes_probability"]
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 class RemoteScorerError(RuntimeError):
@@ -45,6 +47,51 @@ class RemoteScorerError(RuntimeError):
 
 class _Retryable(Exception):
     """A failure worth retrying: timeout, 5xx/429, dropped connection, malformed response."""
+
+
+def http_post(url: str, data: bytes, *, content_type: str, token: str | None, timeout_s: float,
+              refused_hint: str) -> bytes:
+    """One POST; the answer's bytes.
+
+    Raises:
+        _Retryable: timeouts, HTTP 5xx/429, dropped connections (worth another try).
+        RemoteScorerError: any other HTTP error (4xx: the request itself is wrong), naming ``refused_hint``.
+    """
+    headers = {"Content-Type": content_type, "Accept": "application/json"}
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
+    request = urllib.request.Request(url, data=data, headers=headers, method="POST")
+    try:
+        with urllib.request.urlopen(request, timeout=timeout_s) as response:
+            return response.read()
+    except urllib.error.HTTPError as err:
+        detail = err.read()[:300].decode("utf-8", "replace")
+        message = f"HTTP {err.code} {err.reason}: {detail}"
+        if err.code >= 500 or err.code == 429:
+            raise _Retryable(message) from None
+        raise RemoteScorerError(f"POST {url} was refused ({message}); {refused_hint}.") from None
+    except (TimeoutError, urllib.error.URLError, HTTPException, ConnectionError) as err:
+        reason = getattr(err, "reason", err)
+        kind = "timed out" if isinstance(reason, TimeoutError) or "timed out" in str(reason) else "failed"
+        raise _Retryable(f"request {kind} after at most {timeout_s:g} s ({type(reason).__name__}: "
+                         f"{reason})") from None
+
+
+def post_with_retries(send: Callable[[], T], *, url: str, max_retries: int, backoff_s: float, max_backoff_s: float,
+                      what: str) -> T:
+    """``send()`` until it does not raise :class:`_Retryable`, waiting ``backoff_s`` doubled per retry (at most
+    ``max_backoff_s``); after ``max_retries`` retries raises :class:`RemoteScorerError` naming the last failure."""
+    last = ""
+    for attempt in range(max_retries + 1):
+        if attempt:
+            time.sleep(min(backoff_s * 2 ** (attempt - 1), max_backoff_s))
+        try:
+            return send()
+        except _Retryable as err:
+            last = str(err)
+            logger.debug("POST %s attempt %d failed: %s", url, attempt + 1, last)
+    raise RemoteScorerError(f"POST {url} failed after {max_retries + 1} attempt(s); last error: {last}. Is the "
+                            f"server ({what}) running and reachable?")
 
 
 def _answer_key(token: str) -> str:
@@ -164,25 +211,9 @@ class RemoteYesScorer(Scorer):
                 "temperature": 0.0, "logprobs": True, "top_logprobs": self.top_logprobs}
 
     def _post_once(self, data: bytes) -> dict[str, Any]:
-        headers = {"Content-Type": "application/json", "Accept": "application/json"}
-        if self.api_key_env and os.environ.get(str(self.api_key_env)):
-            headers["Authorization"] = f"Bearer {os.environ[str(self.api_key_env)]}"
-        request = urllib.request.Request(self.endpoint, data=data, headers=headers, method="POST")
-        try:
-            with urllib.request.urlopen(request, timeout=self.timeout_s) as response:
-                body = response.read()
-        except urllib.error.HTTPError as err:
-            detail = err.read()[:300].decode("utf-8", "replace")
-            message = f"HTTP {err.code} {err.reason}: {detail}"
-            if err.code >= 500 or err.code == 429:
-                raise _Retryable(message) from None
-            raise RemoteScorerError(f"POST {self.endpoint} was refused ({message}); check weights.model "
-                                    f"({self.model!r}) and the server's logs.") from None
-        except (TimeoutError, urllib.error.URLError, HTTPException, ConnectionError) as err:
-            reason = getattr(err, "reason", err)
-            kind = "timed out" if isinstance(reason, TimeoutError) or "timed out" in str(reason) else "failed"
-            raise _Retryable(f"request {kind} after at most {self.timeout_s:g} s ({type(reason).__name__}: "
-                             f"{reason})") from None
+        token = os.environ.get(str(self.api_key_env)) if self.api_key_env else None
+        body = http_post(self.endpoint, data, content_type="application/json", token=token, timeout_s=self.timeout_s,
+                         refused_hint=f"check weights.model ({self.model!r}) and the server's logs")
         try:
             parsed = json.loads(body)
             first_token_top_logprobs(parsed)  # validate here, so a malformed answer is retried like a 5xx
@@ -197,17 +228,9 @@ class RemoteYesScorer(Scorer):
             RemoteScorerError: naming the URL, the number of attempts and the last failure.
         """
         data = json.dumps(body).encode("utf-8")
-        last = ""
-        for attempt in range(self.max_retries + 1):
-            if attempt:
-                time.sleep(min(self.backoff_s * 2 ** (attempt - 1), self.max_backoff_s))
-            try:
-                return self._post_once(data)
-            except _Retryable as err:
-                last = str(err)
-                logger.debug("POST %s attempt %d failed: %s", self.endpoint, attempt + 1, last)
-        raise RemoteScorerError(f"POST {self.endpoint} failed after {self.max_retries + 1} attempt(s); last error: "
-                                f"{last}. Is the server (model {self.model!r}) running and reachable?")
+        return post_with_retries(lambda: self._post_once(data), url=self.endpoint, max_retries=self.max_retries,
+                                 backoff_s=self.backoff_s, max_backoff_s=self.max_backoff_s,
+                                 what=f"model {self.model!r}")
 
     def score_one(self, images: list[str], prompt: str) -> tuple[float, float, float]:
         """(score, p_yes, p_no) of one sample given its images as data URLs."""
@@ -240,3 +263,81 @@ class RemoteYesScorer(Scorer):
             logger.warning("Scorer %r: the answer %r was not among the top %d tokens for %d of %d samples; their "
                            "score is 0.", self.id, self.answer, self.top_logprobs, int(missing.sum()), len(batch))
         return RawScore(scores, {"p_yes": p_yes, "p_no": p_no, "yes_missing": missing})
+
+
+class ServedScorer(Scorer):
+    """A scorer served by ``visalign serve`` (docs/serving.md#schema), called over HTTP.
+
+    Card ``weights``: ``base_url`` (``http://127.0.0.1:8100``) and ``scorer`` (the served id; may be left out when
+    the server serves one). Card ``params``: ``token_env`` (an environment variable holding the bearer token),
+    ``timeout_s`` (60), ``max_retries`` (3), ``backoff_s`` (0.5), ``max_backoff_s`` (8), ``max_batch`` samples per
+    request (64; larger batches are split), ``encoding`` (``safetensors``, exact float32; or ``png``, 8-bit).
+
+    ``raw`` is the server's normalised reward (so the card's normalisation is the identity); ``extras`` carry the
+    served scorer's ``[B]`` extras and ``native`` (the served scorer's own raw value). Connection failures and 5xx
+    answers are retried with backoff; the final error names the URL.
+    """
+
+    def __init__(self, card: ScorerCard, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
+        super().__init__(card, device=device, dtype=dtype)
+        from visalign.scorers.wire import JSON, SAFETENSORS
+
+        p, w = card.params, card.weights
+        where = f"card {card.source or card.id}"
+        if not w.get("base_url"):
+            raise ValueError(f"Scorer {card.id!r} needs weights.base_url (the `visalign serve` address, e.g. "
+                             f"http://127.0.0.1:8100) in {where}.")
+        self.base_url = str(w["base_url"]).rstrip("/")
+        self.served = w.get("scorer")
+        self.token_env = p.get("token_env")
+        self.timeout_s = float(p.get("timeout_s", 60.0))
+        self.max_retries = int(p.get("max_retries", 3))
+        self.backoff_s = float(p.get("backoff_s", 0.5))
+        self.max_backoff_s = float(p.get("max_backoff_s", 8.0))
+        self.max_batch = int(p.get("max_batch", 64))
+        encodings = {"safetensors": SAFETENSORS, "png": JSON}
+        if p.get("encoding", "safetensors") not in encodings:
+            raise ValueError(f"params.encoding in {where} is {p.get('encoding')!r}; use one of {sorted(encodings)}.")
+        self.content_type = encodings[p.get("encoding", "safetensors")]
+        if self.timeout_s <= 0 or self.max_retries < 0 or self.backoff_s < 0 or self.max_batch < 1:
+            raise ValueError(f"params in {where} need timeout_s > 0, max_retries >= 0, backoff_s >= 0 and "
+                             "max_batch >= 1.")
+
+    @property
+    def endpoint(self) -> str:
+        return f"{self.base_url}/v1/score"
+
+    def _post(self, data: bytes, size: int) -> Any:
+        from visalign.scorers.wire import WireError, decode_answer
+
+        token = os.environ.get(str(self.token_env)) if self.token_env else None
+
+        def send() -> Any:
+            body = http_post(self.endpoint, data, content_type=self.content_type, token=token,
+                             timeout_s=self.timeout_s, refused_hint="check weights.scorer, the token "
+                             f"(params.token_env={self.token_env!r}) and the server's log")
+            try:
+                return decode_answer(body, size)
+            except WireError as err:
+                raise _Retryable(f"malformed answer ({err})") from None
+
+        return post_with_retries(send, url=self.endpoint, max_retries=self.max_retries, backoff_s=self.backoff_s,
+                                 max_backoff_s=self.max_backoff_s, what=f"visalign serve, scorer {self.served!r}")
+
+    def score_raw(self, batch: ScoreBatch) -> RawScore:
+        from visalign.scorers.wire import ScoreRequest, encode_request
+
+        media = batch.media.detach().float().cpu()
+        rewards, natives, extras = [], [], []
+        for start in range(0, len(batch), self.max_batch):
+            part = slice(start, start + self.max_batch)
+            request = ScoreRequest(prompts=batch.prompts[part], media=media[part], scorer=self.served,
+                                   metadata=batch.metadata[part] if batch.metadata is not None else None)
+            answer = self._post(encode_request(request, self.content_type), len(request.prompts))
+            rewards.append(answer.reward)
+            natives.append(answer.raw)
+            extras.append(answer.extras)
+        keys = set(extras[0]).intersection(*extras[1:]) if extras else set()
+        out = {k: torch.cat([e[k] for e in extras]) for k in sorted(keys)}
+        out["native"] = torch.cat(natives)
+        return RawScore(torch.cat(rewards), out)

@@ -53,7 +53,12 @@ class CallableScorer(Scorer):
 
 
 class CallableTextScorer(Scorer):
-    """Wrap a TRL-style reward ``fn(prompts, completions, **kwargs) -> list[float | None]`` as a text scorer."""
+    """Wrap a TRL-style reward ``fn(prompts=..., completions=..., **columns) -> list[float | None]`` as a text scorer.
+
+    As TRL's trainers do, the call is by keyword and every metadata column (the prompt table's other columns)
+    arrives as a keyword holding one value per sample (None where a sample lacks it); the per-sample dicts also
+    arrive whole as ``metadata`` unless a column has that name.
+    """
 
     def __init__(self, fn: Callable[..., Any], *, modality: str = "text", device: str | torch.device = "cpu",
                  name: str | None = None):
@@ -63,5 +68,9 @@ class CallableTextScorer(Scorer):
         self.fn = fn
 
     def score_raw(self, batch: ScoreBatch) -> RawScore:
-        kwargs: dict[str, Any] = {"metadata": batch.metadata} if batch.metadata is not None else {}
-        return RawScore(_as_scores(self.fn(batch.prompts, batch.texts, **kwargs), len(batch), self.id))
+        kwargs: dict[str, Any] = {}
+        if batch.metadata is not None:
+            keys = dict.fromkeys(k for row in batch.metadata for k in row if k not in ("prompts", "completions"))
+            kwargs = {"metadata": batch.metadata, **{k: [row.get(k) for row in batch.metadata] for k in keys}}
+        return RawScore(_as_scores(self.fn(prompts=batch.prompts, completions=batch.texts, **kwargs), len(batch),
+                                   self.id))

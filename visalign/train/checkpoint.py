@@ -4,7 +4,8 @@ A checkpoint is a folder ``checkpoints/step-000010/`` holding the trainable weig
 the optimizer's tensors (``optimizer.safetensors``), RNG states and EMA, and ``state.json`` (step, data position,
 scheduler, stateful reward transforms, optimizer hyper-parameters). It is written into a temporary sibling
 folder and renamed into place only when complete, and ``COMPLETE`` is its last file: a crash mid-write leaves
-a ``.tmp-*`` folder that :func:`latest_checkpoint` ignores (and the next save removes).
+a ``.tmp-*`` folder that :func:`latest_checkpoint` ignores (and the next save removes); a write that fails (disk
+full) removes its temp folder at once, and the previous checkpoints are never touched before the new one is complete.
 """
 
 from __future__ import annotations
@@ -85,13 +86,18 @@ def save_checkpoint(run_dir: str | Path, step: int, *, params: dict[str, torch.T
     final = root / f"{PREFIX}{step:06d}"
     tmp = root / f"{final.name}.tmp-{os.getpid()}"
     tmp.mkdir()
-    save_file({k: v.detach().cpu().contiguous() for k, v in params.items()}, str(tmp / "weights.safetensors"))
-    opt_tensors, opt_meta = _flatten_optimizer(optimizer.state_dict())
-    save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
-    save_file({k: v.detach().cpu().contiguous() for k, v in extra_tensors.items()}, str(tmp / "extra.safetensors"))
-    (tmp / "state.json").write_text(json.dumps({**state, "optimizer": opt_meta}, indent=1))
-    _fsync_dir(tmp)
-    (tmp / MARKER).write_text(str(step))
+    try:
+        save_file({k: v.detach().cpu().contiguous() for k, v in params.items()}, str(tmp / "weights.safetensors"))
+        opt_tensors, opt_meta = _flatten_optimizer(optimizer.state_dict())
+        save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
+        save_file({k: v.detach().cpu().contiguous() for k, v in extra_tensors.items()},
+                  str(tmp / "extra.safetensors"))
+        (tmp / "state.json").write_text(json.dumps({**state, "optimizer": opt_meta}, indent=1))
+        _fsync_dir(tmp)
+        (tmp / MARKER).write_text(str(step))
+    except OSError:  # disk full, quota: give the space back; the previous checkpoints were never touched
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if final.exists():
         _discard(final)
     os.replace(tmp, final)

@@ -13,12 +13,17 @@ from typing import Any
 
 from visalign.config import apply_overrides, from_dict, load_yaml
 from visalign.rewards.advantages import AdvantageConfig
+from visalign.text.config import TextConfig
 
 
 @dataclass
 class ModelConfig:
     model: str = field(default="", metadata={"help": "Generator: a hub id or a local diffusers pipeline folder."})
     dtype: str = field(default="float32", metadata={"help": "Compute dtype: float32, bfloat16 or float16."})
+    mixed_precision: str | None = field(default=None, metadata={
+        "help": "no | bf16 | fp16: autocast of the denoiser with float32 trainable weights (fp16 with loss "
+                "scaling; a float16 model.dtype gets the scaling too). null = accelerate launch --mixed_precision "
+                "(docs/architecture.md#scale)."})
     device: str = field(default="cpu", metadata={"help": "Device for the generator and scorers (cpu, cuda)."})
     lora_rank: int = field(default=8, metadata={"help": "LoRA rank r; 0 fine-tunes the whole denoiser instead."})
     lora_alpha: float = field(default=8.0, metadata={"help": "LoRA alpha (the update is scaled by alpha / rank)."})
@@ -90,12 +95,30 @@ class RewardConfig:
                                                           "(over the reward terms) carry the update."})
     uncertainty_weights: bool = field(default=True, metadata={
         "help": "Multiply per-sample losses by extras['weight'] of uncertainty-aware scorers when present."})
+    deployments: dict[str, Any] = field(default_factory=dict, metadata={
+        "help": "Named places scorers run, used as '@name' in terms: {name: {kind: local|http|openai, scorer, url, "
+                "model, token_env, params}} (docs/serving.md#deployments)."})
+    dtype: str = field(default="float32", metadata={"help": "Compute dtype of the scorers: float32, bfloat16 or "
+                                                            "float16 (rewards are float32 either way)."})
+    retries: int = field(default=2, metadata={"help": "A scorer that raises (a flaky server) is called again this "
+                                                      "many times, with backoff, before its step is skipped "
+                                                      "(docs/architecture.md#faults)."})
+    retry_backoff_s: float = field(default=1.0, metadata={"help": "Wait before the first retry, doubled per retry."})
+    max_consecutive_skips: int = field(default=3, metadata={
+        "help": "More steps skipped in a row than this stop the run with the scorer's error."})
+
+    def __post_init__(self) -> None:
+        if self.dtype not in ("float32", "bfloat16", "float16"):
+            raise ValueError(f"reward.dtype is {self.dtype!r}; use float32, bfloat16 or float16.")
+        if self.retries < 0 or self.retry_backoff_s < 0 or self.max_consecutive_skips < 0:
+            raise ValueError("reward.retries, reward.retry_backoff_s and reward.max_consecutive_skips must be >= 0.")
 
 
 @dataclass
 class ObjectiveConfig:
     name: str = field(default="grpo", metadata={"help": "Objective id: grpo, prdp, dragon, raft, draft, alignprop, "
-                                                        "refl, diffusion-dpo, rpo-harmonic, nft, awm (or "
+                                                        "refl, diffusion-dpo, rpo-harmonic, nft, awm, rg-lcm, r0; "
+                                                        "text: text-grpo, text-rloo, text-dpo, text-best-of-n (or "
                                                         "pkg.module:Class)."})
     params: dict[str, Any] = field(default_factory=dict, metadata={
         "help": "Objective hyper-parameters: the fields of the objective's Params (listed by --help-config)."})
@@ -130,8 +153,10 @@ class PairsConfig:
 @dataclass
 class SourceConfig:
     name: str = field(default="", metadata={"help": "Experience source: online (sample → score → advantages) or "
-                                                    "pairs (offline preference pairs); empty = the objective's "
-                                                    "default (pairs for diffusion-dpo and rpo-harmonic)."})
+                                                    "pairs (offline preference pairs) or teacher (teacher ODE "
+                                                    "trajectories for a few-step student); empty = the "
+                                                    "objective's default (pairs for diffusion-dpo and "
+                                                    "rpo-harmonic, teacher for rg-lcm and r0)."})
     pairs: PairsConfig = field(default_factory=PairsConfig, metadata={"help": "The pairs source's data."})
 
 
@@ -147,6 +172,12 @@ class OptimConfig:
     grad_accumulation: int = field(default=1, metadata={
         "help": "Objective micro-steps (ctx.optimizer_step calls) per optimizer step; the step uses their mean "
                 "gradient. Leftovers are stepped at the end of each iteration (no gradient crosses iterations)."})
+    optimizer: str = field(default="adamw", metadata={"help": "adamw | adamw-8bit (bitsandbytes; 8-bit moments)."})
+    lr_scheduler: str | None = field(default=None, metadata={
+        "help": "null (linear warm-up, then constant) or a diffusers.optimization.get_scheduler name: linear, "
+                "cosine, cosine_with_restarts, polynomial, constant, constant_with_warmup."})
+    lr_schedule_steps: int | None = field(default=None, metadata={
+        "help": "Length of a decaying lr_scheduler, in optimizer steps."})
 
     def __post_init__(self) -> None:
         if self.grad_accumulation < 1:
@@ -182,11 +213,37 @@ class RunConfig:
                                                          "iterations (0 = at start and end)."})
     tensorboard: bool = field(default=True, metadata={"help": "Also log to TensorBoard when it is installed."})
     wandb: bool = field(default=False, metadata={"help": "Also log to Weights & Biases (needs wandb installed)."})
+    report_to: list[str] | None = field(default=None, metadata={
+        "help": "Trackers: any of tensorboard, wandb; null = from run.tensorboard and run.wandb. metrics.jsonl is "
+                "written either way; grids go to every tracker."})
+    wandb_project: str | None = field(default=None, metadata={"help": "wandb project (null: wandb's default)."})
+    wandb_name: str | None = field(default=None, metadata={"help": "wandb run name (null: wandb's default)."})
+    wandb_resume_id: str | None = field(default=None, metadata={
+        "help": "wandb run id to continue (resume='allow'), so a resumed training run logs into the same run."})
     progress: bool = field(default=True, metadata={"help": "Show a tqdm progress bar with the live reward."})
 
     def __post_init__(self) -> None:
         if self.iterations < 1 or self.checkpoint_every < 1 or self.keep_last < 1:
             raise ValueError("run.iterations, run.checkpoint_every and run.keep_last must be >= 1.")
+
+
+@dataclass
+class DistillConfig:
+    student_steps: int = field(default=2, metadata={
+        "help": "Sampling steps of the few-step student (1-4 typical); the saved pipeline's LCMScheduler samples it "
+                "with num_inference_steps = this (teacher source; docs/methods.md#distillation)."})
+    student_guidance: float = field(default=1.0, metadata={
+        "help": "CFG scale the student samples with; <= 1 runs the conditional branch only (the teacher's guidance "
+                "is distilled into the weights): call the saved pipeline with guidance_scale=this."})
+    teacher_steps: int = field(default=20, metadata={
+        "help": "Teacher ODE steps N (DDIM eta 0 on LCM's skip grid of N timesteps, 999 ... T/N - 1); the saved "
+                "LCMScheduler's original_inference_steps."})
+    teacher_guidance: float = field(default=4.0, metadata={"help": "CFG scale of the teacher's ODE."})
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.student_steps <= self.teacher_steps:
+            raise ValueError(f"distill.student_steps is {self.student_steps}; LCMScheduler samples 1 to "
+                             f"distill.teacher_steps ({self.teacher_steps}) steps (use 1-4 for a few-step student).")
 
 
 @dataclass
@@ -201,6 +258,10 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig, metadata={"help": "Optimizer and schedule."})
     eval: EvalConfig = field(default_factory=EvalConfig, metadata={"help": "Held-out evaluation."})
     run: RunConfig = field(default_factory=RunConfig, metadata={"help": "Output, length, checkpoints, logs."})
+    text: TextConfig = field(default_factory=TextConfig, metadata={
+        "help": "Text generation of causal-LM runs (text-* objectives; docs/methods.md#text-core)."})
+    distill: DistillConfig = field(default_factory=DistillConfig, metadata={
+        "help": "Few-step student and teacher schedules (source.name: teacher; visalign distill)."})
 
     def __post_init__(self) -> None:
         o = self.objective
@@ -211,11 +272,15 @@ class TrainConfig:
                               FutureWarning, stacklevel=2)
                 setattr(self.reward, key, value)
                 setattr(o, key, None)
-        if self.source.name == "online" or (not self.source.name and _default_source(o.name) == "online"):
+        if (self.source.name or _default_source(o.name)) in ("online", "text-online"):
             if not self.sample.prompts:
                 raise ValueError("sample.prompts is empty: give a prompt file (.txt, .jsonl or .csv).")
             if not self.reward.terms:
                 raise ValueError("reward.terms is empty: name at least one scorer, e.g. terms: [brightness].")
+        elif self.source.name == "teacher" or (not self.source.name and _default_source(o.name) == "teacher"):
+            if not self.sample.prompts:
+                raise ValueError("sample.prompts is empty: the teacher source samples the teacher on a prompt file "
+                                 "(.txt, .jsonl or .csv).")
         elif not self.source.pairs.path and (self.source.name or _default_source(o.name)) == "pairs":
             raise ValueError("source.pairs.path is empty: give a pair file (.jsonl/.csv with prompt, chosen, "
                              "rejected columns), a datasets folder or a hub dataset id.")

@@ -42,6 +42,8 @@ class Evaluator:
                 raise ValueError("eval.prompts is set but there is nothing to score them with: give eval.scorers "
                                  "(the run has no training reward).")
         self.reference_paths = self._reference_paths(e.prompts) if self.prompts else None
+        # (prompts, seed) → media replacing the DDIM rollout; set by the engine from the source's eval_sampler().
+        self.sampler: Any = None
 
     def _reference_paths(self, table: str) -> list[Path] | None:
         rows = [m.get("reference") for m in self.metadata]
@@ -63,21 +65,15 @@ class Evaluator:
             return None
         return torch.stack([resize_to(load_image(p)[None], size)[0] for p in self.reference_paths])
 
-    def __call__(self, adapter: Any) -> tuple[dict[str, float], Tensor]:
+    def __call__(self, adapter: Any) -> tuple[dict[str, float], Tensor | None]:
         """Sample and score once (under whatever weights the caller has swapped in).
 
         Returns:
             ``(metrics, media)``: ``eval/reward...`` of the held-out scorers and, with separate eval scorers and a
-            training reward, ``eval/proxy/reward...``; the eval samples ``[B, ...]`` for the grid.
+            training reward, ``eval/proxy/reward...``; the eval samples ``[B, ...]`` for the grid (None for text).
         """
-        e, s = self.config.eval, self.config.sample
-        res = self.config.model.resolution
-        rollout = adapter.rollout(self.prompts, images_per_prompt=1, steps=e.steps or s.steps, guidance=s.guidance,
-                                  eta=e.eta, seed=e.seed, negative_prompt=s.negative_prompt, height=res, width=res)
-        refs = self.references(tuple(rollout.media.shape[-2:]))
-        batch = ScoreBatch(prompts=rollout.prompts, media=rollout.media,
-                           references=None if refs is None else refs.to(rollout.media),
-                           metadata=self.metadata if any(self.metadata) else None)
+        batch, media = (self._text_batch(adapter) if getattr(adapter, "modality", "image") == "text"
+                        else self._media_batch(adapter))
         with self.eval_reward.frozen_transforms():  # eval samples must not move running reward statistics
             held_out = self.eval_reward(batch)
         metrics = {f"eval/{k}": v for k, v in held_out.metrics().items() if k.startswith("reward")}
@@ -85,4 +81,30 @@ class Evaluator:
             with self.reward.frozen_transforms():
                 proxy = self.reward(batch)
             metrics.update({f"eval/proxy/{k}": v for k, v in proxy.metrics().items() if k.startswith("reward")})
-        return metrics, rollout.media
+        return metrics, media
+
+    def _media_batch(self, adapter: Any) -> tuple[ScoreBatch, Tensor]:
+        """Eval samples of a generator on the eval sampler, one per prompt."""
+        e, s = self.config.eval, self.config.sample
+        res = self.config.model.resolution
+        if self.sampler is not None:  # the source's own sampler (a few-step student's)
+            media = self.sampler(list(self.prompts), e.seed)
+        else:
+            media = adapter.rollout(self.prompts, images_per_prompt=1, steps=e.steps or s.steps, guidance=s.guidance,
+                                    eta=e.eta, seed=e.seed, negative_prompt=s.negative_prompt, height=res,
+                                    width=res).media
+        refs = self.references(tuple(media.shape[-2:]))
+        batch = ScoreBatch(prompts=list(self.prompts), media=media,
+                           references=None if refs is None else refs.to(media),
+                           metadata=self.metadata if any(self.metadata) else None)
+        return batch, media
+
+    def _text_batch(self, adapter: Any) -> tuple[ScoreBatch, None]:
+        """Eval completions of a causal LM: ``text.eval_samples_per_prompt`` per prompt at ``text.eval_temperature``
+        (0 = greedy), seeded by ``eval.seed``; there is no grid."""
+        t = self.config.text
+        k = t.eval_samples_per_prompt
+        rollout = adapter.generate(self.prompts, t, completions_per_prompt=k, seed=self.config.eval.seed,
+                                   temperature=t.eval_temperature)
+        metadata = [dict(m) for m in self.metadata for _ in range(k)] if any(self.metadata) else None
+        return ScoreBatch(prompts=rollout.prompts, texts=rollout.texts, metadata=metadata), None

@@ -16,7 +16,7 @@ class RunLogger:
     """Writes ``metrics.jsonl`` (one object per iteration, flushed) and mirrors scalars to the backends."""
 
     def __init__(self, run_dir: str | Path, *, tensorboard: bool = True, wandb: bool = False,
-                 config: dict[str, Any] | None = None) -> None:
+                 config: dict[str, Any] | None = None, wandb_init: dict[str, Any] | None = None) -> None:
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self._jsonl = open(self.run_dir / "metrics.jsonl", "a", encoding="utf-8")
@@ -35,7 +35,8 @@ class RunLogger:
             except ImportError:
                 raise ImportError("run.wandb is true but wandb is not installed: pip install wandb, or set "
                                   "run.wandb=false.") from None
-            self._wandb = wandb_module.init(dir=str(self.run_dir), config=config or {})
+            self._wandb = wandb_module.init(dir=str(self.run_dir), config=config or {}, **(wandb_init or {}))
+            self._wandb_image = wandb_module.Image
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
         clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in metrics.items()}
@@ -72,6 +73,9 @@ class RunLogger:
         save_image(grid, path)
         if self._tb is not None:
             self._tb.add_image(tag, grid, step)
+        if self._wandb is not None:
+            array = (grid.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+            self._wandb.log({f"grids/{tag}": self._wandb_image(array)}, step=step)
         return path
 
     def close(self) -> None:

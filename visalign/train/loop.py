@@ -32,15 +32,19 @@ from typing import Any
 import torch
 
 from visalign.config import to_dict
-from visalign.generators import LoraSpec, load_generator
+from visalign.generators import LoraSpec
 from visalign.objectives.base import UpdateContext, build_objective
 from visalign.rewards import RewardSpec
 from visalign.scorers import ScoreBatch, get_scorer
 from visalign.train.checkpoint import checkpoint_dir, latest_checkpoint, load_checkpoint, save_checkpoint
 from visalign.train.config import TrainConfig
+from visalign.train.deployments import resolve_terms
 from visalign.train.distributed import Distributed, GradientSync, build_accelerator, mean_over_processes
 from visalign.train.evaluate import Evaluator
+from visalign.train.faults import StepSkipped, StopRequest, config_changes, stop_on_signals
 from visalign.train.logging import RunLogger
+from visalign.train.optim import build_optimizer, build_scheduler
+from visalign.train.precision import Precision, check_launch_settings, resolve_precision
 from visalign.train.sources import SourceContext, check_compatible, source_class
 from visalign.train.sources.online import TrainingError, stochastic_steps
 
@@ -56,24 +60,30 @@ class Trainer:
 
     def __init__(self, config: TrainConfig) -> None:
         self.config = config
+        check_launch_settings()  # before accelerate reads them: a setting the loop cannot honour is refused
+        m = config.model
+        precision = resolve_precision(m.mixed_precision, m.dtype, full_finetune=m.lora_rank == 0)
         self.dist = Distributed(build_accelerator(config.model.device))
         self.run_dir = Path(config.run.output_dir)
         _check_writable(self.run_dir)
-        if config.run.wandb and importlib.util.find_spec("wandb") is None:
-            raise TrainingError("run.wandb is true but wandb is not installed: pip install wandb, or set "
-                                "run.wandb=false (metrics.jsonl and TensorBoard are written either way).")
-        m = config.model
+        self.trackers = trackers(config.run)
+        if "wandb" in self.trackers and importlib.util.find_spec("wandb") is None:
+            raise TrainingError("wandb is asked for but not installed: pip install wandb, or set run.wandb=false and "
+                                "leave it out of run.report_to (metrics.jsonl and TensorBoard are written anyway).")
         # A bare "cuda" means this process's own GPU under accelerate launch (cuda:LOCAL_RANK).
         device = str(self.dist.device) if m.device == "cuda" else m.device
         self.objective = build_objective(config.objective.name, config.objective.params)
         source_cls = source_class(config.source.name or self.objective.default_source)
         check_compatible(source_cls, type(self.objective))
         r = config.reward
-        self.reward = (RewardSpec.from_config({"terms": r.terms, "aggregation": r.aggregation,
+        terms = resolve_terms(r.terms, r.deployments, device=device, dtype=getattr(torch, r.dtype))
+        self.reward = (RewardSpec.from_config({"terms": terms, "aggregation": r.aggregation,
                                                "advantage": r.advantage, "device": device, "pareto": r.pareto,
-                                               "uncertainty_weights": r.uncertainty_weights})
+                                               "uncertainty_weights": r.uncertainty_weights, "dtype": r.dtype,
+                                               "modality": source_cls.modality})
                        if r.terms else None)
-        self.eval_reward = (RewardSpec.from_config({"terms": config.eval.scorers, "device": device})
+        self.eval_reward = (RewardSpec.from_config({"terms": config.eval.scorers, "device": device,
+                                                    "modality": source_cls.modality})
                             if config.eval.scorers else self.reward)
         self.scorers = self._objective_scorers(device)
         self._check_reward_grad()
@@ -83,15 +93,20 @@ class Trainer:
                                  self.objective.needs)
         self.evaluator = Evaluator(config, self.reward, self.eval_reward)
         torch.manual_seed(config.run.seed)  # the same on every process: LoRA initialises identically
-        self.adapter = load_generator(m.model, dtype=m.dtype, device=device)
+        self.adapter = source_cls.load_model(m, device)  # a diffusers generator, or a causal LM for text sources
         self.source.attach(self.adapter)
+        self.precision = Precision(precision, torch.device(device))
+        self.evaluator.sampler = self.source.eval_sampler()
         self._setup_training(m)
+        self.precision.wrap(self.adapter.denoiser)
         self.optimizer_steps = 0
         self.logger: RunLogger | None = None
         self.history: list[dict[str, float]] = []
         self.first_eval: dict[str, float] = {}
         self.early_stop = {"best": None, "since_best": 0, "stopped": False}
         self.best_params: dict[str, torch.Tensor] | None = None
+        self.skipped_steps = 0  # iterations skipped because their scorer kept failing (docs/architecture.md#faults)
+        self.stopped_by = ""  # the signal that ended the run early, if one did
 
     # ------------------------------------------------------------ building
 
@@ -133,11 +148,8 @@ class Trainer:
         self.params = {n: p for n, p in self.adapter.denoiser.named_parameters() if p.requires_grad}
         self.dist.broadcast_parameters(self.params.values())
         o = self.config.optim
-        self.optimizer = torch.optim.AdamW(self.params.values(), lr=o.lr, betas=tuple(o.betas),
-                                           weight_decay=o.weight_decay)
-        warmup = max(o.warmup_steps, 0)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0)
+        self.optimizer = build_optimizer(self.params.values(), o)
+        self.scheduler = build_scheduler(self.optimizer, o)
         self.ema = {n: p.detach().clone() for n, p in self.params.items()} if o.ema_decay else None
         self.grad_sync = GradientSync(list(self.params.values()), self.dist, o.grad_accumulation, self._optimizer_step)
 
@@ -174,11 +186,9 @@ class Trainer:
     def _optimizer_step(self) -> float:
         """Clip, step the optimizer, LR schedule and EMA, zero the gradients (called by :class:`GradientSync` with
         the mean, cross-process gradient in ``.grad``); returns the pre-clip global grad norm."""
-        params = list(self.params.values())
-        max_norm = self.config.optim.max_grad_norm
-        norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
-        self.optimizer.step()
-        self.scheduler.step()
+        norm = self.precision.step(self.optimizer, list(self.params.values()), self.config.optim.max_grad_norm)
+        if not self.precision.last_skipped:  # an fp16 overflow skipped the step: the schedule waits too
+            self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.optimizer_steps += 1
         if self.ema is not None:
@@ -186,7 +196,7 @@ class Trainer:
             with torch.no_grad():
                 for name, p in self.params.items():
                     self.ema[name].mul_(decay).add_(p.detach(), alpha=1 - decay)
-        return float(norm)
+        return norm
 
     # ------------------------------------------------------------ evaluation
 
@@ -203,7 +213,7 @@ class Trainer:
             return {}
         with self._ema_weights():
             metrics, media = self.evaluator(self.adapter)
-        if self.logger is not None:
+        if self.logger is not None and media is not None:  # text evaluations have no grid
             self.logger.grid(self.iteration, media, columns=min(8, len(self.evaluator.prompts)))
         return metrics
 
@@ -284,17 +294,29 @@ class Trainer:
             state = {"iteration": self.iteration, "optimizer_steps": self.optimizer_steps,
                      "scheduler": self.scheduler.state_dict(), "source": self.source.state_dict(),
                      "reward": _state(self.reward), "eval_reward": _state(self.eval_reward),
-                     "first_eval": self.first_eval, "early_stop": self.early_stop}
+                     "first_eval": self.first_eval, "early_stop": self.early_stop,
+                     "skipped_steps": self.skipped_steps, "config": to_dict(self.config),
+                     "precision": self.precision.state_dict(), "mixed_precision": self.precision.mode}
             if self.dist.multi:
                 state["num_processes"] = self.dist.num_processes
                 state["reward_other_ranks"] = [g[1] for g in gathered[1:]]
-            path = save_checkpoint(self.run_dir, self.iteration, params=self.params, optimizer=self.optimizer,
-                                   extra_tensors=extra, state=state, keep_last=self.config.run.keep_last)
+            try:
+                path = save_checkpoint(self.run_dir, self.iteration, params=self.params, optimizer=self.optimizer,
+                                       extra_tensors=extra, state=state, keep_last=self.config.run.keep_last)
+            except OSError as err:  # disk full, quota: the half-written folder is gone, the previous one intact
+                previous = latest_checkpoint(self.run_dir)
+                kept = f"the previous checkpoint {previous.name} is intact" if previous else "there is no earlier one"
+                raise TrainingError(f"Could not write checkpoint {path.name} ({err.strerror or err}); {kept}. Free "
+                                    "space (or lower run.keep_last) and re-run the same command to resume.") from None
         self.dist.wait()
         return path
 
-    def resume(self) -> bool:
+    def resume(self, resume_changed: bool = False) -> bool:
         """Restore the newest complete checkpoint of ``run.output_dir``; False when there is none.
+
+        A checkpoint written with a different recipe (other than its length and logging,
+        :data:`~visalign.train.faults.RESUMABLE_CHANGES`) is refused with the differences, unless
+        ``resume_changed`` (then they are printed as a warning and the run continues with the new recipe).
 
         Restores weights, optimizer (AdamW moments and step counts), LR schedule, EMA, RNG state, the source's
         state (prompt-stream or pair position, the diagnostics' baselines), stateful reward transforms; metrics rows
@@ -314,6 +336,20 @@ class Trainer:
             raise TrainingError(f"Checkpoint {path} does not fit this model ({example}); it was written by a "
                                 "different model or LoRA configuration (e.g. model.lora_rank). Start over with "
                                 "--no-resume or pick another run.output_dir.")
+        changes = config_changes(state["config"], to_dict(self.config)) if "config" in state else []
+        saved_mode = state.get("mixed_precision", self.precision.mode)  # as resolved (recipe or launcher)
+        if saved_mode != self.precision.mode:
+            changes.append(f"mixed precision (model.mixed_precision or accelerate launch): {saved_mode!r} → "
+                           f"{self.precision.mode!r}")
+        if changes:
+            more = f"\n  ... and {len(changes) - 20} more" if len(changes) > 20 else ""
+            listed = "\n  ".join(changes[:20]) + more
+            if not resume_changed:
+                raise TrainingError(f"The recipe differs from the one checkpoint {path} was written with:\n  "
+                                    f"{listed}\nResume with --resume-changed to continue with the new values anyway, "
+                                    "start over with --no-resume, or pick another run.output_dir.")
+            if self.dist.is_main:
+                self._write(f"warning: resuming {path} with a changed recipe (--resume-changed):\n  {listed}")
         with torch.no_grad():
             for name, p in self.params.items():
                 p.copy_(params[name])
@@ -331,6 +367,8 @@ class Trainer:
         self.optimizer_steps = int(state["optimizer_steps"])
         self.first_eval = dict(state.get("first_eval", {}))
         self.early_stop = dict(state.get("early_stop", self.early_stop))
+        self.skipped_steps = int(state.get("skipped_steps", 0))
+        self.precision.load_state_dict(state.get("precision", {}))
         best = {n: extra[f"best.{n}"].clone() for n in self.params if f"best.{n}" in extra}
         self.best_params = best or None
         rows = truncate_metrics(self.run_dir, self.iteration) if self.dist.is_main else None
@@ -354,19 +392,32 @@ class Trainer:
 
     # ------------------------------------------------------------ the loop
 
-    def run(self, resume: bool = True) -> dict[str, Any]:
-        """Train for ``run.iterations`` iterations (continuing a checkpoint when ``resume``); return the summary."""
+    def run(self, resume: bool = True, resume_changed: bool = False) -> dict[str, Any]:
+        """Train for ``run.iterations`` iterations (continuing a checkpoint when ``resume``); return the summary.
+
+        SIGTERM / SIGINT end the run after the iteration in flight, at a checkpoint (docs/architecture.md#faults):
+        the summary then has ``stopped_by`` set and no final weights are written; running again resumes.
+        """
+        with stop_on_signals() as stop:
+            return self._run(resume, resume_changed, stop)
+
+    def _run(self, resume: bool, resume_changed: bool, stop: StopRequest) -> dict[str, Any]:
         from tqdm import tqdm
 
         r = self.config.run
         main = self.dist.is_main
-        resumed = self.resume() if resume else False
+        resumed = self.resume(resume_changed) if resume else False
         if main:  # one writer: the other processes log nothing and save nothing
             if not resumed:
                 (self.run_dir / "metrics.jsonl").unlink(missing_ok=True)
             (self.run_dir / "config.json").write_text(json.dumps(to_dict(self.config), indent=1))
-            self.logger = RunLogger(self.run_dir, tensorboard=r.tensorboard, wandb=r.wandb,
-                                    config=to_dict(self.config))
+            wandb_init = {k: v for k, v in (("project", r.wandb_project), ("name", r.wandb_name),
+                                            ("id", r.wandb_resume_id)) if v is not None}
+            if r.wandb_resume_id is not None:
+                wandb_init["resume"] = "allow"
+            self.logger = RunLogger(self.run_dir, tensorboard="tensorboard" in self.trackers,
+                                    wandb="wandb" in self.trackers, config=to_dict(self.config),
+                                    wandb_init=wandb_init)
         if not resumed:
             self.first_eval = self.evaluate()
             if self.first_eval:
@@ -382,11 +433,17 @@ class Trainer:
                 shown = metrics.get("reward", metrics.get("loss"))
                 if shown is not None:
                     self.bar.set_postfix(reward=f"{shown:.4f}", refresh=False)
+                signalled = self._stop_requested(stop)
                 if (self.iteration % r.checkpoint_every == 0 or self.iteration == r.iterations
-                        or self.early_stop["stopped"]):
+                        or self.early_stop["stopped"] or signalled):
                     self.save_checkpoint()
+                if signalled:
+                    self.stopped_by = signalled
+                    break
         finally:
             self.bar.close()
+        if self.stopped_by:
+            return self._stopped_summary()
         if self.early_stop["stopped"] and main:
             self._write(f"early stop at iteration {self.iteration}: {self.config.eval.early_stop_metric} has not "
                         f"improved on {self.early_stop['best']:.4f} for {self.early_stop['since_best']} evaluations.")
@@ -398,6 +455,24 @@ class Trainer:
                 self.logger.log(self.iteration, final_eval)
             with self._final_weights():
                 self.adapter.save(self.run_dir / "final")
+            (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+            self.logger.close()
+        self.dist.wait()
+        return summary
+
+    def _stop_requested(self, stop: StopRequest) -> str:
+        """The name of the stop signal any process got ("" when none): every process stops at the same step."""
+        names = self.dist.gather_objects(stop.name)
+        return next((n for n in names if n), "")
+
+    def _stopped_summary(self) -> dict[str, Any]:
+        """The summary of a run stopped by a signal at a checkpoint (no final evaluation or weights)."""
+        summary = self._summary(self.history, self.first_eval, {})
+        summary.update(stopped_by=self.stopped_by, final_weights=None,
+                       checkpoint=str(latest_checkpoint(self.run_dir)))
+        if self.dist.is_main:
+            self._write(f"{self.stopped_by}: stopped after iteration {self.iteration} at checkpoint "
+                        f"{summary['checkpoint']}; run the same command again to resume.")
             (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
             self.logger.close()
         self.dist.wait()
@@ -431,13 +506,20 @@ class Trainer:
     def one_iteration(self) -> dict[str, float]:
         """Source → update once; log and return the iteration's metrics."""
         t0 = time.perf_counter()
+        failure = ""
         with self._sampling_weights():
-            batch = self.source.next()
+            try:
+                batch = self.source.next()
+            except StepSkipped as err:
+                failure = str(err)
+        failures = self.dist.gather_objects(failure)  # a step skipped on one process is skipped on all
+        if any(failures):
+            return self._skip_iteration(next(f for f in failures if f))
         t1 = time.perf_counter()
         update = self.update(batch)
         t2 = time.perf_counter()
         self.iteration += 1
-        metrics: dict[str, float] = {**update, **self.source.local_metrics(batch)}
+        metrics: dict[str, float] = {**update, **self.source.local_metrics(batch), **self.precision.metrics()}
         metrics.update({"lr": self.scheduler.get_last_lr()[0], "time/update": t2 - t1, "time/iteration": t2 - t0,
                         "samples_per_second": len(batch) / (t2 - t0)})
         if self.dist.multi:  # every process gets the same combined metrics (the collapse monitor stays in sync)
@@ -454,6 +536,20 @@ class Trainer:
             grid = self.source.grid(batch)
             if self.config.run.grid_every and self.iteration % self.config.run.grid_every == 0 and grid is not None:
                 self.logger.grid(self.iteration, grid[0], columns=grid[1], tag="train")
+            self.logger.log(self.iteration, metrics)
+        return metrics
+
+    def _skip_iteration(self, failure: str) -> dict[str, float]:
+        """Skip an iteration whose scoring kept failing: no update; the iteration number (hence every seed) still
+        advances, so the steps after it are those an uninterrupted run would make."""
+        self.iteration += 1
+        self.skipped_steps += 1
+        if self.dist.is_main:
+            self._write(f"warning: iteration {self.iteration} skipped, scoring failed after "
+                        f"{self.config.reward.retries} retries ({failure}); {self.skipped_steps} skipped so far.")
+        metrics = {"step_skipped": 1.0, "skipped_steps": float(self.skipped_steps),
+                   "lr": self.scheduler.get_last_lr()[0]}
+        if self.logger is not None:
             self.logger.log(self.iteration, metrics)
         return metrics
 
@@ -482,10 +578,25 @@ class Trainer:
                    "nan_dropped": int(sum(r.get("nan_dropped") or 0 for r in history)),
                    "eval_before": first, "eval_after": last,
                    "collapse_warnings": int(sum(r.get("collapse_warning") or 0 for r in history)),
+                   "skipped_steps": self.skipped_steps,
                    "final_weights": str(self.run_dir / "final")}
         if self.config.eval.early_stop_metric is not None:
             summary["early_stop"] = dict(self.early_stop)
         return summary
+
+
+TRACKERS = ("tensorboard", "wandb")
+
+
+def trackers(run: Any) -> set[str]:
+    """The trackers of ``run.report_to`` (or of the run.tensorboard / run.wandb switches when it is null)."""
+    if run.report_to is None:
+        return {name for name, on in (("tensorboard", run.tensorboard), ("wandb", run.wandb)) if on}
+    unknown = sorted(set(run.report_to) - set(TRACKERS))
+    if unknown:
+        raise TrainingError(f"run.report_to names {unknown}; the trackers are {list(TRACKERS)} (metrics.jsonl is "
+                            "always written).")
+    return set(run.report_to)
 
 
 def _state(spec: RewardSpec | None) -> dict[str, Any]:

@@ -1,6 +1,7 @@
-"""Experience sources of the training engine: ``online`` (sample → score → advantages) and ``pairs`` (offline
-preference pairs). A source declares the batch type it ``produces`` and the needs it ``provides``; an objective
-declares what it ``consumes`` and ``needs``; :func:`check_compatible` compares the two before any model loads."""
+"""Experience sources of the training engine: ``online`` (sample → score → advantages), ``pairs`` (offline
+preference pairs) and ``teacher`` (teacher ODE trajectories for a few-step student). A source declares the batch
+type it ``produces`` and the needs it ``provides``; an objective declares what it ``consumes`` and ``needs``;
+:func:`check_compatible` compares the two before any model loads."""
 
 from __future__ import annotations
 
@@ -12,6 +13,9 @@ __all__ = ["SOURCES", "ExperienceSource", "SourceContext", "check_compatible", "
 SOURCES: Registry[type[ExperienceSource]] = Registry("experience source", {
     "online": "visalign.train.sources.online:OnlineSource",
     "pairs": "visalign.train.sources.pairs:PairsSource",
+    "text-online": "visalign.text.source:TextOnlineSource",
+    "text-pairs": "visalign.text.pairs:TextPairsSource",
+    "teacher": "visalign.train.sources.teacher:TeacherSource",
 })
 
 

@@ -51,6 +51,16 @@ class ExperienceSource:
     produces: ClassVar[type] = object
     # Needs (visalign.objectives.base.NEEDS) this source can satisfy for an objective.
     provides: ClassVar[frozenset[str]] = frozenset()
+    # What the model samples: "image" / "video" (a diffusers generator) or "text" (a causal LM, visalign/text/).
+    modality: ClassVar[str] = "image"
+
+    @staticmethod
+    def load_model(model: Any, device: str) -> Any:
+        """Load the model this source trains from ``model`` (the run's ``ModelConfig``): a diffusers generator
+        adapter by default; text sources load a causal-LM policy instead."""
+        from visalign.generators import load_generator
+
+        return load_generator(model.model, dtype=model.dtype, device=device)
 
     def __init__(self, ctx: SourceContext, needs: frozenset[str]) -> None:
         """Read and check the source's inputs; runs before any model loads, so bad data fails in a second."""
@@ -84,6 +94,11 @@ class ExperienceSource:
 
     def grid(self, batch: Any) -> tuple[Tensor, int] | None:
         """``(media, columns)`` of the batch for the training grid, or None."""
+        return None
+
+    def eval_sampler(self) -> Callable[[list[str], int], Tensor] | None:
+        """``(prompts, seed) → media`` the engine's evaluation samples with instead of the DDIM rollout (a few-step
+        student's own sampler), or None (the default: ``adapter.rollout`` with ``eval.steps`` and ``eval.eta``)."""
         return None
 
     def state_dict(self) -> dict[str, Any]:

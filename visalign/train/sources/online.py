@@ -21,6 +21,7 @@ from visalign.rewards import NoFiniteReward
 from visalign.scorers import ScoreBatch
 from visalign.train.diagnostics import CollapseMonitor, group_diversity
 from visalign.train.distributed import gather_reward_metrics
+from visalign.train.faults import ScorerRetry
 from visalign.train.prompts import PromptStream, read_prompt_table
 from visalign.train.sources.base import ExperienceSource, SourceContext
 
@@ -52,6 +53,8 @@ class OnlineSource(ExperienceSource):
         self.timings: dict[str, float] = {}
         self.reward_output: Any = None
         self.dropped = 0
+        r = ctx.config.reward
+        self.retry = ScorerRetry(r.retries, r.retry_backoff_s, r.max_consecutive_skips, passthrough=(NoFiniteReward,))
 
     def attach(self, adapter: Any) -> None:
         super().attach(adapter)
@@ -85,12 +88,18 @@ class OnlineSource(ExperienceSource):
     def score(self, rollout: Any) -> OnlineBatch:
         """Rewards, advantages, Pareto/NaN masks and uncertainty weights of a rollout, as an :class:`OnlineBatch`.
 
+        A scorer that raises is retried (``reward.retries``; docs/architecture.md#faults), its running transform
+        statistics restored before each retry.
+
         Raises:
             TrainingError: when no sample has a finite reward.
+            StepSkipped: when scoring still fails after its retries (the loop skips the step).
         """
         batch = ScoreBatch(prompts=rollout.prompts, media=rollout.media, metadata=rollout.extras.get("metadata"))
+        saved = self.reward.state_dict()
         try:
-            scored = self.reward.for_update(batch, group_ids=rollout.prompts)
+            scored = self.retry(lambda: self.reward.for_update(batch, group_ids=rollout.prompts),
+                                restore=lambda: self.reward.load_state_dict(saved))
         except NoFiniteReward:
             raise TrainingError(f"Every sample's reward is NaN at iteration {self.ctx.iteration()} (terms "
                                 f"{self.reward.names}); a scorer abstains on all of them — check its "
@@ -106,6 +115,8 @@ class OnlineSource(ExperienceSource):
         t1 = time.perf_counter()
         batch = self.score(rollout)
         self.timings = {"time/sample": t1 - t0, "time/score": time.perf_counter() - t1}
+        if self.retry.retried:  # logged only when a scorer failed (the metrics of a clean run are unchanged)
+            self.timings["score_retries"] = float(self.retry.retried)
         return batch
 
     def train_steps(self, batch: OnlineBatch | Any) -> list[int]:
@@ -179,11 +190,13 @@ class OnlineSource(ExperienceSource):
     # ------------------------------------------------------------ state
 
     def state_dict(self) -> dict[str, Any]:
-        return {"prompts": self.prompts.state_dict(), "collapse": self.collapse.state_dict()}
+        return {"prompts": self.prompts.state_dict(), "collapse": self.collapse.state_dict(),
+                "retry": self.retry.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.prompts.load_state_dict(state["prompts"])
         self.collapse.load_state_dict(state.get("collapse", {}))
+        self.retry.load_state_dict(state.get("retry", {}))
 
 
 def stochastic_steps(rollout: Any) -> list[int]:

@@ -1,0 +1,1 @@
+"""``visalign serve``: scorers behind a small HTTP server (docs/serving.md)."""
