@@ -1,5 +1,5 @@
 """``visalign rm``: train a reward model on preference pairs (``rm train``) and evaluate scorers on pairs
-(``rm eval``). Math in docs/methods.md#rm-losses."""
+(``rm eval``). Math in docs/methods.md#reward-models."""
 
 from __future__ import annotations
 

@@ -1,96 +1,113 @@
-"""Reward-model losses over per-item rewards (docs/methods.md#rm-losses).
+"""The reward-model loss table: every loss name ``visalign rm train --loss`` accepts, what it trains and how it
+treats ties (docs/methods.md#reward-models). One file per loss family: bt.py, ties.py, gaussian.py, verdict.py.
 
-Every loss takes rewards of the two items of each pair, ``[N]`` float tensors, and returns a 0-d mean loss.
-The first item is the one labelled better ("chosen") unless the pair is a tie.
+A *scalar* loss takes the rewards of the two sides of each pair (for a VLM judge, the yes/no log-odds of each
+side), a *gaussian* loss also their log σ (the uncertainty head), a *verdict* loss the answer-position
+log-softmax of a pointwise judge and a *pairwise-verdict* loss that of a pairwise-vs-reference judge.
 """
 
 from __future__ import annotations
 
-import torch
-import torch.nn.functional as F
+import difflib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
 from torch import Tensor
 
+from visalign.rm.bt import bt_loss
+from visalign.rm.gaussian import gaussian_bt_loss
+from visalign.rm.ties import bt_ties_loss, soli_ties_loss
 
-def bt_loss(chosen: Tensor, rejected: Tensor, *, margin: float | Tensor = 0.0, label_smoothing: float = 0.0) -> Tensor:
-    """Bradley–Terry: ``−[(1−ε)·log σ(d) + ε·log σ(−d)]`` with ``d = r_w − r_l − m``.
-
-    Args:
-        chosen, rejected: rewards ``[N]``.
-        margin: ``m``, a float or a per-pair ``[N]`` tensor (e.g. the oracle score gap).
-        label_smoothing: ``ε`` in [0, 0.5).
-    """
-    if not 0.0 <= label_smoothing < 0.5:
-        raise ValueError(f"label_smoothing must be in [0, 0.5); got {label_smoothing}.")
-    d = chosen - rejected - margin
-    return -((1 - label_smoothing) * F.logsigmoid(d) + label_smoothing * F.logsigmoid(-d)).mean()
+KINDS = ("scalar", "gaussian", "verdict", "pairwise-verdict")
+TIE_HANDLING = ("refuse", "use")
 
 
-def rao_kupper_log_probs(a: Tensor, b: Tensor, kappa: float | Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Rao–Kupper outcome log-probabilities ``(log P(a ≻ b), log P(b ≻ a), log P(tie))``, each ``[N]``.
+@dataclass(frozen=True)
+class LossParams:
+    """Hyper-parameters shared by the losses; each loss reads the ones it names in its help."""
 
-    ``P(a ≻ b) = σ(r_a − r_b − κ)``, ``P(b ≻ a) = σ(r_b − r_a − κ)``, ``P(tie) = 1 − both`` (κ ≥ 0; κ = 0 is plain
-    BT with no mass on ties).
-    """
-    kappa = torch.as_tensor(kappa, dtype=a.dtype, device=a.device)
-    if bool((kappa < 0).any()):
-        raise ValueError(f"kappa must be >= 0; got {kappa.tolist()}.")
-    d = a - b
-    win, loss = F.logsigmoid(d - kappa), F.logsigmoid(-d - kappa)
-    # 1 − σ(d−κ) − σ(−d−κ), clamped so that κ = 0 (tie mass 0) gives a finite, very negative log.
-    tie = torch.log((1 - win.exp() - loss.exp()).clamp_min(1e-12))
-    return win, loss, tie
+    margin: float = field(default=0.0, metadata={"help": "BT margin m >= 0 (reward units; bt, soli-ties, "
+                                                         "gaussian-bt)."})
+    kappa: float = field(default=1.0, metadata={"help": "Rao-Kupper tie threshold kappa = log theta >= 0 "
+                                                        "(bt-ties)."})
+    label_smoothing: float = field(default=0.0, metadata={"help": "BT label smoothing in [0, 0.5) (bt)."})
+    sigma_weight: float = field(default=0.01, metadata={"help": "Pull of log sigma towards 0 (gaussian-bt)."})
 
-
-def bt_ties_loss(a: Tensor, b: Tensor, tie: Tensor, *, kappa: float | Tensor = 0.5) -> Tensor:
-    """Negative log-likelihood of Rao–Kupper BT with ties: ``−log P(a ≻ b)`` where ``tie`` is false, else
-    ``−log P(tie)``.
-
-    Args:
-        a, b: rewards ``[N]``; where ``tie`` is false, ``a`` is the preferred item.
-        tie: bool ``[N]``.
-        kappa: ``κ = log θ ≥ 0``; a learnable 0-d tensor (kept ≥ 0 by the caller, e.g. softplus) works too.
-    """
-    win, _, log_tie = rao_kupper_log_probs(a, b, kappa)
-    return -torch.where(tie.bool(), log_tie, win).mean()
+    def __post_init__(self) -> None:
+        if self.margin < 0 or self.kappa < 0 or self.sigma_weight < 0:
+            raise ValueError(f"margin, kappa and sigma_weight must be >= 0; got {self}.")
+        if not 0.0 <= self.label_smoothing < 0.5:
+            raise ValueError(f"label_smoothing must be in [0, 0.5); got {self.label_smoothing}.")
 
 
-def uncertainty_bt_loss(mu_chosen: Tensor, log_sigma_chosen: Tensor, mu_rejected: Tensor,
-                        log_sigma_rejected: Tensor) -> Tensor:
-    """BT for a Gaussian reward head ``r ~ N(μ, σ²)``: ``−log Φ((μ_w − μ_l) / √(σ_w² + σ_l²))``.
+@dataclass(frozen=True)
+class PairRewards:
+    """Rewards of both sides of N pairs: ``a`` is preferred unless ``tie``; all float ``[N]`` (``tie`` bool)."""
 
-    A pair the head is unsure of (large σ) is penalised less for being wrong and rewarded less for being right, so
-    σ grows on pairs whose labels look like noise; σ is what the uncertainty weighting reads
-    (docs/methods.md#uncertainty). All inputs ``[N]``.
-    """
-    scale = torch.sqrt(torch.exp(2 * log_sigma_chosen) + torch.exp(2 * log_sigma_rejected))
-    z = (mu_chosen - mu_rejected) / scale
-    return -torch.special.log_ndtr(z).mean()
+    a: Tensor
+    b: Tensor
+    tie: Tensor
+    log_sigma_a: Tensor | None = None
+    log_sigma_b: Tensor | None = None
 
 
-def yes_no_log_odds(log_probs: Tensor, yes_ids: list[int], no_ids: list[int]) -> Tensor:
-    """``log P(yes) − log P(no)`` at the answer position, from log-softmax ``[N, V]``; ``[N]``."""
-    return torch.logsumexp(log_probs[:, yes_ids], dim=-1) - torch.logsumexp(log_probs[:, no_ids], dim=-1)
+@dataclass(frozen=True)
+class RmLoss:
+    """One row of the loss table: ``kind`` (``KINDS``), ``ties`` (``refuse``: tie pairs are an error; ``use``: they
+    carry likelihood) and, for scalar and gaussian kinds, ``fn(rewards, params) -> 0-d loss``."""
+
+    name: str
+    kind: str
+    ties: str
+    help: str
+    fn: Callable[[PairRewards, LossParams], Tensor] | None = None
 
 
-def yes_no_ce_loss(log_probs: Tensor, answers_yes: Tensor, yes_ids: list[int], no_ids: list[int]) -> Tensor:
-    """Next-token cross-entropy of the verdict: ``−log P(Yes)`` where ``answers_yes``, else ``−log P(No)``.
-
-    ``P(Yes)`` sums the vocabulary mass of every "Yes" spelling, as the yes-token scorer reads it
-    (visalign/scorers/vlm_yes.py). Args: ``log_probs`` log-softmax ``[N, V]``, ``answers_yes`` bool ``[N]``.
-    """
-    yes = torch.logsumexp(log_probs[:, yes_ids], dim=-1)
-    no = torch.logsumexp(log_probs[:, no_ids], dim=-1)
-    return -torch.where(answers_yes.bool(), yes, no).mean()
+def _bt(r: PairRewards, p: LossParams) -> Tensor:
+    return bt_loss(r.a, r.b, margin=p.margin, label_smoothing=p.label_smoothing)
 
 
-def pairwise_yes_no_ce_loss(log_probs_ab: Tensor, log_probs_ba: Tensor, a_better: Tensor, yes_ids: list[int],
-                            no_ids: list[int]) -> Tensor:
-    """Pairwise-vs-reference verdict CE on both image orders with the labels flipped.
+def _bt_ties(r: PairRewards, p: LossParams) -> Tensor:
+    return bt_ties_loss(r.a, r.b, r.tie, kappa=p.kappa)
 
-    ``log_probs_ab``: answer log-softmax ``[N, V]`` for "is the first (a) better than the second (b)?";
-    ``log_probs_ba`` the same with the images swapped; ``a_better`` bool ``[N]``. Training both orders is what
-    keeps the position-swap bias of the judge small.
-    """
-    a_better = a_better.bool()
-    return (yes_no_ce_loss(log_probs_ab, a_better, yes_ids, no_ids)
-            + yes_no_ce_loss(log_probs_ba, ~a_better, yes_ids, no_ids)) / 2
+
+def _soli(r: PairRewards, p: LossParams) -> Tensor:
+    return soli_ties_loss(r.a, r.b, r.tie, margin=p.margin)
+
+
+def _gaussian(r: PairRewards, p: LossParams) -> Tensor:
+    if r.log_sigma_a is None or r.log_sigma_b is None:
+        raise ValueError("gaussian-bt needs log sigma of both sides (an uncertainty head).")
+    return gaussian_bt_loss(r.a, r.log_sigma_a, r.b, r.log_sigma_b, margin=p.margin, sigma_weight=p.sigma_weight)
+
+
+LOSSES: dict[str, RmLoss] = {loss.name: loss for loss in (
+    RmLoss("yes-no", "verdict", "refuse", "Pointwise verdict CE: chosen -> 'Yes', rejected -> 'No' (the yes-token "
+           "scorer's P(Yes))."),
+    RmLoss("pairwise-yes-no", "pairwise-verdict", "refuse", "Pairwise-vs-reference verdict CE, both image orders "
+           "with flipped labels."),
+    RmLoss("bt", "scalar", "refuse", "Bradley-Terry -log sigma(r_a - r_b - m) with label smoothing.", _bt),
+    RmLoss("bt-ties", "scalar", "use", "Rao-Kupper BT with ties: ties get P(tie) = 1 - P(a>b) - P(b>a), kappa.",
+           _bt_ties),
+    RmLoss("soli-ties", "scalar", "use", "SoliReward wide ties: two BT terms pull tied rewards together.", _soli),
+    RmLoss("gaussian-bt", "gaussian", "refuse", "Uncertainty head: -log Phi((mu_a - mu_b - m)/sqrt(s_a^2 + s_b^2)).",
+           _gaussian),
+)}
+
+
+def get_loss(name: str) -> RmLoss:
+    """The table row of ``name``; an unknown name raises ``ValueError`` with close matches and every name."""
+    if name not in LOSSES:
+        near = difflib.get_close_matches(name, list(LOSSES))
+        raise ValueError(f"Unknown reward-model loss {name!r}; close: {near}. Known: {sorted(LOSSES)}.")
+    return LOSSES[name]
+
+
+def check_ties(loss: RmLoss, tie: list[bool], rows: list[int] | None = None) -> None:
+    """Refuse tie pairs for a loss that cannot use them, naming up to 5 rows and what to do instead."""
+    if loss.ties == "use":
+        return
+    bad = [(rows[k] if rows is not None else k) for k, t in enumerate(tie) if t]
+    if bad:
+        raise ValueError(f"{len(bad)} tie pair(s) (rows {bad[:5]}) but loss {loss.name!r} needs a winner in every "
+                         "pair: drop the ties or use --loss bt-ties / soli-ties.")

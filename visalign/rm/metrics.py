@@ -1,4 +1,4 @@
-"""Reward-model evaluation metrics over pairs (docs/methods.md#rm-losses, "Checks").
+"""Reward-model evaluation metrics over pairs (docs/methods.md#reward-models, "Checks").
 
 Inputs are per-pair scores of the two sides, ``[N]`` float tensors, with side ``a`` labelled better unless
 ``tie``.

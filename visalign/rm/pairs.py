@@ -1,5 +1,5 @@
 """Training pairs for reward models: within-prompt pairs from oracle scores and cross-prompt pairs from single
-good/bad labels (SoliReward); the refusal of pairs whose two sides are the same (docs/methods.md#rm-losses)."""
+good/bad labels (SoliReward); the refusal of pairs whose two sides are the same (docs/methods.md#reward-models)."""
 
 from __future__ import annotations
 
@@ -53,36 +53,41 @@ def pairs_from_scores(prompts: list[str], scores: Tensor, *, tie_eps: float = 0.
     return out
 
 
-def cross_prompt_pairs(good: Tensor, *, num_pairs: int, tie_share: float = 0.25, seed: int = 0) -> list[IndexPair]:
-    """SoliReward pairing: any good item with any bad item, whatever their prompts, is a BT pair; two items with
-    the same label are a tie.
+def cross_prompt_pairs(good: Tensor, *, max_pairs: int | None = None, ties: int = 0, seed: int = 0
+                       ) -> list[IndexPair]:
+    """SoliReward pairing from single good/bad labels: every good item × every bad item, whatever their prompts,
+    is a pair with the good item preferred; optionally some same-label pairs as ties.
 
     Args:
         good: bool ``[N]``, the single good/bad label of each item.
-        num_pairs: pairs to draw (with replacement).
-        tie_share: share of the pairs that are same-label ties, in [0, 1].
-        seed: the draw's seed.
+        max_pairs: keep a seeded uniform subsample of this many good × bad pairs (without replacement); None keeps
+            all ``n_good · n_bad`` in order (good index major).
+        ties: how many same-label pairs (good–good or bad–bad, drawn without replacement from all of them) to add as
+            ties; capped at how many exist.
+        seed: seeds both subsamples.
+
+    Returns:
+        The pairs, decided ones first.
 
     Raises:
-        ValueError: no good or no bad item (no BT pair can be formed), or ``tie_share`` outside [0, 1].
+        ValueError: no good or no bad item (no decided pair can be formed), or a negative count.
     """
-    if not 0.0 <= tie_share <= 1.0:
-        raise ValueError(f"tie_share must be in [0, 1]; got {tie_share}.")
+    if (max_pairs is not None and max_pairs < 0) or ties < 0:
+        raise ValueError(f"max_pairs and ties must be >= 0; got {max_pairs} and {ties}.")
     pos = torch.nonzero(good.bool()).flatten().tolist()
     neg = torch.nonzero(~good.bool()).flatten().tolist()
     if not pos or not neg:
         raise ValueError(f"cross_prompt_pairs needs good and bad items; got {len(pos)} good and {len(neg)} bad.")
     rng = np.random.default_rng(seed)
-    out = []
-    for _ in range(num_pairs):
-        if rng.random() < tie_share:
-            same = pos if (len(pos) > 1 and (len(neg) < 2 or rng.random() < 0.5)) else neg
-            if len(same) < 2:
-                continue
-            i, j = rng.choice(same, size=2, replace=False).tolist()
-            out.append(IndexPair(int(i), int(j), tie=True))
-        else:
-            out.append(IndexPair(int(rng.choice(pos)), int(rng.choice(neg))))
+    total = len(pos) * len(neg)
+    # Index k of the good-major product is (pos[k // n_bad], neg[k % n_bad]): no n_good × n_bad list is built.
+    chosen = range(total) if max_pairs is None or max_pairs >= total else \
+        np.sort(rng.choice(total, size=max_pairs, replace=False)).tolist()
+    out = [IndexPair(pos[k // len(neg)], neg[k % len(neg)]) for k in chosen]
+    same = [(i, j) for group in (pos, neg) for i, j in itertools.combinations(group, 2)]
+    if ties and same:
+        picks = rng.choice(len(same), size=min(ties, len(same)), replace=False)
+        out += [IndexPair(*same[int(k)], tie=True) for k in np.sort(picks)]
     return out
 
 

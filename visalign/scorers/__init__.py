@@ -12,6 +12,7 @@ always returns a :class:`Scorer`.
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -52,13 +53,22 @@ def scorer_card(name: str) -> ScorerCard:
         "Scorer instance. Add card folders with VISALIGN_CARD_PATH."))
 
 
+def card_from_path(spec: str) -> ScorerCard | None:
+    """The card of an explicit ``.yaml``/``.yml`` card file (what ``visalign rm train`` writes), else None."""
+    path = Path(spec).expanduser()
+    if path.suffix in (".yaml", ".yml") and path.is_file():
+        return ScorerCard.from_file(path, require_stem=False)
+    return None
+
+
 def get_scorer(spec: str | Scorer | Callable[..., Any], *, device: str | torch.device = "cpu",
                dtype: torch.dtype = torch.float32, weights: dict[str, Any] | str | None = None,
                params: dict[str, Any] | None = None, modality: str = "image") -> Scorer:
     """Turn any scorer spec into a :class:`Scorer`.
 
     Args:
-        spec: a registered id, ``"pkg.module:Name"`` (a Scorer subclass or a callable), a callable
+        spec: a registered id, the path of a card file (``runs/rm/card.yaml``), ``"pkg.module:Name"`` (a Scorer
+            subclass or a callable), a callable
             ``(media, prompts, **kwargs) -> [B] floats`` (or ``(prompts, completions, **kwargs)`` for
             ``modality="text"``), or a Scorer instance (returned as is).
         device: device for weights and inputs.
@@ -73,7 +83,7 @@ def get_scorer(spec: str | Scorer | Callable[..., Any], *, device: str | torch.d
     if isinstance(spec, Scorer):
         return spec
     if isinstance(spec, str) and not is_import_path(spec):
-        card = scorer_card(spec)
+        card = card_from_path(spec) or scorer_card(spec)
         if isinstance(weights, str):
             weights = {"local_dir": weights}
         card = card.with_overrides(weights=weights, params=params)
