@@ -20,7 +20,8 @@ def pairwise_accuracy(a: Tensor, b: Tensor, tie: Tensor | None = None) -> float:
 
 
 def tie_accuracy(a: Tensor, b: Tensor, tie: Tensor, *, eps: float) -> float:
-    """Three-way accuracy: a pair is predicted a tie when ``|score_a − score_b| ≤ eps``, else ordered by score."""
+    """Three-way accuracy in [0, 1]: a pair is predicted a tie when ``|score_a − score_b| ≤ eps``, else ``a`` wins
+    when ``score_a > score_b``; right when that matches ``tie`` (``a`` is the labelled winner of non-ties)."""
     d = a - b
     predicted_tie = d.abs() <= eps
     right = torch.where(tie.bool(), predicted_tie, ~predicted_tie & (d > 0))
@@ -45,14 +46,15 @@ def expected_calibration_error(p_a_better: Tensor, a_better: Tensor, *, bins: in
 
 
 def position_swap_bias(p_ab: Tensor, p_ba: Tensor) -> dict[str, float]:
-    """Position bias of a pairwise judge from ``P(first better)`` in both orders, each ``[N]``.
+    """Position bias of a pairwise judge from ``P(first better)`` asked in both orders, each ``[N]`` in [0, 1].
 
-    A judge without position bias has ``p_ab + p_ba = 1``. Returns ``bias`` = mean(p_ab + p_ba − 1) (> 0: prefers the
-    first slot) and ``flip_rate``: share of pairs whose verdict does not flip with the order.
+    A judge without position bias has ``p_ab + p_ba = 1``. Returns ``bias`` = mean(p_ab + p_ba − 1) in [−1, 1]
+    (> 0: prefers whichever image comes first) and ``consistency``: the share of pairs whose verdict flips with the
+    order, as it must (``p_ab > ½`` exactly when ``p_ba < ½``).
     """
     bias = float((p_ab + p_ba - 1).mean())
-    flips = float(((p_ab > 0.5) == (p_ba > 0.5)).float().mean())
-    return {"bias": bias, "flip_rate": flips}
+    consistent = float(((p_ab > 0.5) != (p_ba > 0.5)).float().mean())
+    return {"bias": bias, "consistency": consistent}
 
 
 def agreement(first: Tensor, second: Tensor) -> dict[str, float]:
