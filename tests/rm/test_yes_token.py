@@ -47,7 +47,7 @@ def test_yes_no_training_raises_the_scorers_p_yes_on_positives(llava_dir, tmp_pa
     pairs = [IndexPair(i, 4 + j) for i in range(4) for j in range(4)]
     before = p_yes(scorer, held)
     losses = train_yes_token_rm(scorer, images, [PROMPT] * 8, pairs,
-                                YesTokenConfig(loss="yes-no", steps=25, pairs_per_step=8, lr=3e-3), progress=False)
+                                YesTokenConfig(loss="yes-no", steps=12, pairs_per_step=4, lr=1e-2), progress=False)
     after = p_yes(scorer, held)
     assert losses[-1] < 0.5 * losses[0]
     # Held-out images of the same two kinds: P(Yes) rises on positives and falls on negatives.
@@ -69,7 +69,7 @@ def test_bt_ties_trains_the_log_odds_and_ties_are_pulled_together(llava_dir):
     images = items(2)
     decided = [IndexPair(i, 4 + i) for i in range(4)]
     ties = [IndexPair(0, 1, tie=True), IndexPair(2, 3, tie=True), IndexPair(4, 5, tie=True)]
-    config = YesTokenConfig(loss="bt-ties", steps=30, pairs_per_step=7, lr=3e-3, params=LossParams(kappa=0.5))
+    config = YesTokenConfig(loss="bt-ties", steps=12, pairs_per_step=7, lr=1e-2, params=LossParams(kappa=0.5))
     losses = train_yes_token_rm(scorer, images, [PROMPT] * 8, decided + ties, config, progress=False)
     assert losses[-1] < losses[0]
     with torch.no_grad():
@@ -103,7 +103,7 @@ def test_pairwise_yes_no_trains_both_orders(qwen_dir):
     images = items(4)
     pairs = [IndexPair(i, 4 + i) for i in range(4)]
     train_yes_token_rm(scorer, images, [PROMPT] * 8, pairs,
-                       YesTokenConfig(loss="pairwise-yes-no", steps=30, pairs_per_step=4, lr=3e-3), progress=False)
+                       YesTokenConfig(loss="pairwise-yes-no", steps=12, pairs_per_step=4, lr=1e-2), progress=False)
     with torch.no_grad():
         ab = scorer(ScoreBatch(prompts=[PROMPT] * 4, media=images[:4], references=images[4:])).extras["p_yes"]
         ba = scorer(ScoreBatch(prompts=[PROMPT] * 4, media=images[4:], references=images[:4])).extras["p_yes"]
