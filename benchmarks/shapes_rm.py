@@ -2,9 +2,9 @@
 shipped VLM proxy (``shapes-vlm``) on the same held-out pairs.
 
 1. sample ``--samples-per-prompt`` images of each training prompt (the shipped training compositions of every
-   still kind minus every composition the demo evaluates) and of each held-out prompt (the demo's held-out compositions: relations
-   the base model never saw) with the BASE model (DDIM, η alternating 0/1, the demo's guidance); grade each with the
-   exact oracle (``shapes-oracle``: the fraction of attributes satisfied);
+   still kind minus every composition the demo evaluates) and of each held-out prompt (the demo's held-out
+   compositions: relations the base model never saw) with the BASE model (DDIM, η alternating 0/1, the demo's
+   guidance); grade each with the exact oracle (``shapes-oracle``: the fraction of attributes satisfied);
 2. pairs: within each prompt, every two samples with different oracle rewards are a pair (higher wins), equal
    rewards a tie. Held-out pairs come only from held-out prompts;
 3. train from the shipped ``shapes-vlm`` with each ``--losses`` entry (``yes-no``: samples with every attribute

@@ -52,7 +52,7 @@ def test_yes_no_training_raises_the_scorers_p_yes_on_positives(llava_dir, tmp_pa
     assert losses[-1] < 0.5 * losses[0]
     # Held-out images of the same two kinds: P(Yes) rises on positives and falls on negatives.
     assert after[:4].mean() > before[:4].mean() + 0.3 and after[4:].mean() < before[4:].mean()
-    assert bool((after[:4].min() > after[4:].max()))
+    assert bool(after[:4].min() > after[4:].max())
     assert not any(p.requires_grad for p in scorer.model.parameters())  # the judge is frozen again
 
     card = save_yes_token_rm(scorer, tmp_path / "rm", "tiny-rm", metrics={"note": "test"},
@@ -91,8 +91,6 @@ def test_refusals_name_what_to_change(llava_dir):
     with pytest.raises(ValueError, match="trains a pairwise judge but scorer 'shapes-vlm' has mode 'pointwise'"):
         train_yes_token_rm(scorer, images, [PROMPT] * 8, [IndexPair(0, 4)],
                            YesTokenConfig(loss="pairwise-yes-no", steps=1), progress=False)
-    with pytest.raises(ValueError, match="needs an uncertainty head"):
-        YesTokenConfig(loss="gaussian-bt")
     with pytest.raises(ValueError, match="Unknown reward-model loss"):
         YesTokenConfig(loss="hinge")
 
@@ -108,3 +106,34 @@ def test_pairwise_yes_no_trains_both_orders(qwen_dir):
         ab = scorer(ScoreBatch(prompts=[PROMPT] * 4, media=images[:4], references=images[4:])).extras["p_yes"]
         ba = scorer(ScoreBatch(prompts=[PROMPT] * 4, media=images[4:], references=images[:4])).extras["p_yes"]
     assert bool((ab > 0.5).all()) and bool((ba < 0.5).all())
+
+
+def test_gaussian_bt_trains_an_uncertainty_head_that_feeds_the_update_weights(llava_dir, tmp_path):
+    from visalign.rewards.spec import RewardSpec
+
+    torch.manual_seed(0)
+    scorer = get_scorer("shapes-vlm", weights=str(llava_dir))
+    images = items(5)
+    # Pairs 0-3 are consistent (bright beats dark); pairs over items 4-7 flip both ways: label noise.
+    pairs = [IndexPair(i, 4 + i) for i in range(4)] + [IndexPair(4, 5), IndexPair(5, 4), IndexPair(6, 7),
+                                                       IndexPair(7, 6)]
+    config = YesTokenConfig(loss="gaussian-bt", steps=12, pairs_per_step=8, lr=1e-2)
+    losses = train_yes_token_rm(scorer, images, [PROMPT] * 8, pairs, config, progress=False)
+    assert losses[-1] < losses[0]
+    head = scorer.uncertainty_head
+    assert head is not None and float(head.weight.abs().sum()) > 0  # it trained (it starts at zero)
+    card = save_yes_token_rm(scorer, tmp_path / "rm", "tiny-unc", metrics={}, config=config)
+    loaded = get_scorer(str(card))
+    with torch.no_grad():
+        out = loaded(ScoreBatch(prompts=[PROMPT] * 8, media=images))
+        hidden = scorer.answer_log_probs([[im] for im in images], [scorer.template.format(prompt=PROMPT)] * 8,
+                                         with_hidden=True)[1]
+    torch.testing.assert_close(out.extras["log_sigma"], head(hidden).squeeze(-1), rtol=1e-4, atol=1e-5)
+    sigma2 = torch.exp(2 * out.extras["log_sigma"])
+    expected = torch.exp(-sigma2) / torch.exp(-sigma2).mean()
+    torch.testing.assert_close(out.extras["weight"], expected, rtol=1e-4, atol=1e-6)
+    # The reward spec multiplies a term's weight extras into the update weights.
+    spec = RewardSpec.from_config({"terms": [{"scorer": loaded, "name": "rm"}]})
+    update = spec.for_update(ScoreBatch(prompts=[PROMPT] * 8, media=images), group_ids=[0] * 8)
+    torch.testing.assert_close(update.weights, expected / expected.mean(), rtol=1e-4, atol=1e-6)
+    assert float(update.weights.std()) > 0  # the head tells samples apart

@@ -24,9 +24,10 @@ from tqdm import tqdm
 from visalign.rm.losses import LOSSES, LossParams, PairRewards, RmLoss, check_ties, get_loss
 from visalign.rm.pairs import IndexPair, check_distinct
 from visalign.rm.verdict import pairwise_yes_no_ce_loss, yes_no_ce_loss, yes_no_log_odds
-from visalign.scorers.vlm_yes import VlmYesScorer
+from visalign.scorers.vlm_yes import VlmYesScorer, uncertainty_head_for
 
-MODE_OF_KIND = {"verdict": "pointwise", "scalar": "pointwise", "pairwise-verdict": "pairwise"}
+MODE_OF_KIND = {"verdict": "pointwise", "scalar": "pointwise", "gaussian": "pointwise", "pairwise-verdict": "pairwise"}
+UNCERTAINTY_FILE = "uncertainty_head.safetensors"
 
 
 @dataclass
@@ -34,7 +35,8 @@ class YesTokenConfig:
     """How a yes-token RM is trained."""
 
     loss: str = field(default="yes-no", metadata={"help": "A name of visalign.rm.losses.LOSSES: yes-no, "
-                                                          "pairwise-yes-no, bt, bt-ties, soli-ties."})
+                                                          "pairwise-yes-no, bt, bt-ties, soli-ties, gaussian-bt "
+                                                          "(adds an uncertainty head)."})
     steps: int = field(default=100, metadata={"help": "Optimizer steps."})
     pairs_per_step: int = field(default=16, metadata={"help": "Pairs per step (each pair is 2 queries, 4 in "
                                                               "pairwise mode)."})
@@ -45,17 +47,17 @@ class YesTokenConfig:
     def __post_init__(self) -> None:
         loss = get_loss(self.loss)
         if loss.kind not in MODE_OF_KIND:
-            fits = sorted(name for name, row in LOSSES.items() if row.kind in MODE_OF_KIND)
-            raise ValueError(f"Loss {self.loss!r} ({loss.kind}) needs an uncertainty head, which a yes-token VLM "
-                             f"does not have; use one of {fits}.")
+            raise ValueError(f"Loss {self.loss!r} has kind {loss.kind!r}, which no yes-token VLM trains; use one of "
+                             f"{sorted(name for name, row in LOSSES.items() if row.kind in MODE_OF_KIND)}.")
         if self.steps < 1 or self.pairs_per_step < 1 or self.lr <= 0:
             raise ValueError(f"steps ({self.steps}), pairs_per_step ({self.pairs_per_step}) and lr ({self.lr}) "
                              "must be positive.")
 
 
-def _pointwise_log_probs(scorer: VlmYesScorer, images: Tensor, prompts: list[str], index: list[int]) -> Tensor:
+def _pointwise_log_probs(scorer: VlmYesScorer, images: Tensor, prompts: list[str], index: list[int],
+                         with_hidden: bool = False) -> Any:
     questions = [scorer.template.format(prompt=prompts[i]) for i in index]
-    return scorer.answer_log_probs([[images[i]] for i in index], questions)
+    return scorer.answer_log_probs([[images[i]] for i in index], questions, with_hidden=with_hidden)
 
 
 def _pairwise_log_probs(scorer: VlmYesScorer, images: Tensor, prompts: list[str], first: list[int],
@@ -76,14 +78,21 @@ def step_loss(scorer: VlmYesScorer, images: Tensor, prompts: list[str], batch: l
         better = torch.ones(len(batch), dtype=torch.bool)
         return pairwise_yes_no_ce_loss(_pairwise_log_probs(scorer, images, prompts, a, b),
                                        _pairwise_log_probs(scorer, images, prompts, b, a), better, yes, no)
+    tie = torch.tensor([p.tie for p in batch], dtype=torch.bool)
+    assert loss.fn is not None or loss.kind == "verdict"  # scalar and gaussian rows carry their function
+    if loss.kind == "gaussian":
+        assert scorer.uncertainty_head is not None  # attached by train_yes_token_rm
+        logp, hidden = _pointwise_log_probs(scorer, images, prompts, a + b, with_hidden=True)
+        odds = yes_no_log_odds(logp, yes, no)
+        log_sigma = scorer.uncertainty_head(hidden).squeeze(-1)
+        n = len(a)
+        return loss.fn(PairRewards(odds[:n], odds[n:], tie.to(odds.device), log_sigma[:n], log_sigma[n:]), params)
     logp = _pointwise_log_probs(scorer, images, prompts, a + b)
     if loss.kind == "verdict":
         answers = torch.tensor([True] * len(a) + [False] * len(b))
         return yes_no_ce_loss(logp, answers, yes, no)
     odds = yes_no_log_odds(logp, yes, no)
-    tie = torch.tensor([p.tie for p in batch], dtype=torch.bool, device=odds.device)
-    assert loss.fn is not None  # scalar rows of the table carry their function
-    return loss.fn(PairRewards(odds[: len(a)], odds[len(a):], tie), params)
+    return loss.fn(PairRewards(odds[: len(a)], odds[len(a):], tie.to(odds.device)), params)
 
 
 def train_yes_token_rm(scorer: VlmYesScorer, images: Tensor, prompts: list[str], pairs: list[IndexPair],
@@ -121,9 +130,15 @@ def train_yes_token_rm(scorer: VlmYesScorer, images: Tensor, prompts: list[str],
                        rows=[k for k, p in enumerate(pairs) if not p.tie])
     scorer.ensure_loaded()
     model = scorer.model
-    model.requires_grad_(True)
-    model.train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=0.0)
+    modules = [model]
+    if loss.kind == "gaussian":
+        if scorer.uncertainty_head is None:  # σ = 1 everywhere at first: the loss starts as probit BT
+            scorer.uncertainty_head = uncertainty_head_for(model).to(scorer.device)
+        modules.append(scorer.uncertainty_head)
+    for module in modules:
+        module.requires_grad_(True)
+        module.train()
+    optimizer = torch.optim.AdamW([p for m in modules for p in m.parameters()], lr=config.lr, weight_decay=0.0)
     warmup = max(1, config.steps // 10)  # a short warm-up keeps the first steps from wrecking a trained judge
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup))
     rng = random.Random(config.seed)
@@ -147,8 +162,9 @@ def train_yes_token_rm(scorer: VlmYesScorer, images: Tensor, prompts: list[str],
             if on_step is not None:
                 on_step(step, losses[-1])
     finally:
-        model.eval()
-        model.requires_grad_(False)  # back to the scorer's contract: gradients are for pixels, never the judge
+        for module in modules:
+            module.eval()
+            module.requires_grad_(False)  # back to the scorer's contract: gradients are for pixels, never the judge
     return losses
 
 
@@ -170,6 +186,13 @@ def save_yes_token_rm(scorer: VlmYesScorer, out_dir: str | Path, rm_id: str, *, 
     weights.mkdir(parents=True, exist_ok=True)
     scorer.model.save_pretrained(weights, safe_serialization=True)
     scorer.processor.save_pretrained(weights)
+    params = {**scorer.card.params, "mode": scorer.mode}
+    if scorer.uncertainty_head is not None:
+        from safetensors.torch import save_file
+
+        save_file({k: v.contiguous() for k, v in scorer.uncertainty_head.state_dict().items()},
+                  str(weights / UNCERTAINTY_FILE))
+        params["uncertainty_head"] = UNCERTAINTY_FILE
     (out / "metrics.json").write_text(json.dumps({**metrics, "config": asdict(config)}, indent=1))
     card = scorer.card
     pairwise = scorer.mode == "pairwise"
@@ -180,7 +203,7 @@ def save_yes_token_rm(scorer: VlmYesScorer, out_dir: str | Path, rm_id: str, *, 
         "modality": card.modality, "kind": "pairwise-vs-reference" if pairwise else card.kind,
         "needs": sorted(set(card.needs) | {"reference"}) if pairwise else list(card.needs),
         "differentiable": card.differentiable, "range": list(card.raw_range), "normalize": card.normalize,
-        "weights": {"local_dir": str(weights)}, "params": {**card.params, "mode": scorer.mode},
+        "weights": {"local_dir": str(weights)}, "params": params,
     }
     path = out / "card.yaml"
     path.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
