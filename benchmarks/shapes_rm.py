@@ -10,8 +10,9 @@ shipped VLM proxy (``shapes-vlm``) on the same held-out pairs.
 3. train from the shipped ``shapes-vlm`` with each ``--losses`` entry (``yes-no``: samples with every attribute
    right answer Yes, the others No, as cross-prompt good × bad pairs; ``bt``: BT on the yes/no log-odds of the
    decided within-prompt pairs, ties dropped; ``bt-ties``: Rao–Kupper on all of them, ties included);
-4. report held-out pairwise accuracy (decided pairs), ECE and three-way accuracy with ties (tie band fitted on the
-   training pairs) for each trained RM and for the shipped proxy, on the same pairs.
+4. report held-out pairwise accuracy (decided pairs), ECE, three-way accuracy with ties (tie band fitted on the
+   training pairs) and the Rao–Kupper NLL of the outcomes with ties (κ fitted on the training pairs) for each
+   trained RM and for the shipped proxy, on the same pairs.
 
     python benchmarks/shapes_rm.py --seeds 0 --out benchmarks/results/shapes_rm
 """
@@ -140,7 +141,7 @@ def load_base(args: argparse.Namespace) -> Any:
 
 def evaluate(scorer: Any, data: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """Held-out metrics of one scorer; the tie band is fitted on the training pairs."""
-    from visalign.rm.evaluate import best_tie_eps, pair_metrics, score_pairs
+    from visalign.rm.evaluate import best_tie_eps, fit_kappa, pair_metrics, rao_kupper_nll, score_pairs
 
     out: dict[str, Any] = {}
     train_pairs = split_pairs(data["train"])
@@ -150,7 +151,11 @@ def evaluate(scorer: Any, data: dict[str, dict[str, Any]]) -> dict[str, Any]:
     out["train"] = pair_metrics(train, train_tie, tie_eps=eps)
     pairs = split_pairs(data["heldout"])
     held = score_pairs(scorer, data["heldout"]["prompts"], data["heldout"]["images"], pairs)
-    out["heldout"] = pair_metrics(held, torch.tensor([p.tie for p in pairs]), tie_eps=eps)
+    held_tie = torch.tensor([p.tie for p in pairs])
+    out["heldout"] = pair_metrics(held, held_tie, tie_eps=eps)
+    # Outcome likelihood with ties: κ fitted on the training pairs' gaps, NLL on the held-out pairs.
+    kappa = fit_kappa(train.gap, train_tie)
+    out["heldout"].update(kappa=kappa, tie_nll=rao_kupper_nll(held.gap, held_tie, kappa))
     return out
 
 
@@ -198,17 +203,18 @@ def main(argv: list[str] | None = None, log: Any = print) -> dict[str, Any]:
                                   metrics={"heldout": run["heldout"], "shipped_heldout": result["shipped"]["heldout"]})
     result["summary"] = {loss: {key: summary([r["heldout"][key] for r in result["runs"].values() if r["loss"] == loss
                                               and key in r["heldout"]])
-                                for key in ("accuracy", "ece", "tie_accuracy")} for loss in args.losses}
+                                for key in ("accuracy", "ece", "tie_accuracy", "tie_nll")} for loss in args.losses}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(result, indent=1))
-    rows = ["| scorer | held-out accuracy | ECE | 3-way acc. (ties) |", "|---|---|---|---|"]
+    rows = ["| scorer | held-out accuracy | ECE | 3-way acc. (ties) | tie NLL |", "|---|---|---|---|---|"]
     sh = result["shipped"]["heldout"]
-    rows.append(f"| {args.base} (shipped) | {sh['accuracy']:.3f} | {sh['ece']:.3f} | {sh['tie_accuracy']:.3f} |")
+    rows.append(f"| {args.base} (shipped) | {sh['accuracy']:.3f} | {sh['ece']:.3f} | {sh['tie_accuracy']:.3f} | "
+                f"{sh['tie_nll']:.3f} |")
     for loss, s in result["summary"].items():
         acc = s["accuracy"]
         rows.append(f"| {loss} | {acc['median']:.3f} ({acc['mean']:.3f} ± {acc['sd']:.3f}, n={acc['n']}) | "
-                    f"{s['ece']['median']:.3f} | {s['tie_accuracy']['median']:.3f} |")
+                    f"{s['ece']['median']:.3f} | {s['tie_accuracy']['median']:.3f} | {s['tie_nll']['median']:.3f} |")
     (out / "results.md").write_text("\n".join(rows) + "\n")
     log("\n".join(rows))
     return result

@@ -72,3 +72,17 @@ def test_pair_metrics_by_hand():
     assert out["predicted_tie_rate"] == pytest.approx(0.5)
     assert out["tie_accuracy"] == pytest.approx(0.75)  # pair 1 wrong (b wins), the rest right
     assert out["swap_bias"] == pytest.approx((0.1 - 0.1 + 0.0 + 0.0) / 4)
+
+
+def test_rao_kupper_nll_and_fitted_kappa():
+    from visalign.rm.evaluate import fit_kappa, rao_kupper_nll
+
+    gap = torch.tensor([3.0, 0.1, -0.2, 2.0])
+    tie = torch.tensor([False, True, True, False])
+    k = 1.0
+    s = lambda x: 1 / (1 + math.exp(-x))  # noqa: E731
+    hand = -(math.log(s(3 - k)) + math.log(1 - s(0.1 - k) - s(-0.1 - k)) + math.log(1 - s(-0.2 - k) - s(0.2 - k))
+             + math.log(s(2 - k))) / 4
+    assert rao_kupper_nll(gap, tie, k) == pytest.approx(hand, rel=1e-5)
+    best = fit_kappa(gap, tie)
+    assert all(rao_kupper_nll(gap, tie, best) <= rao_kupper_nll(gap, tie, other) + 1e-9 for other in (0.1, 1.0, 5.0))

@@ -23,6 +23,7 @@ from visalign.rm.metrics import (
     tie_accuracy,
 )
 from visalign.rm.pairs import IndexPair
+from visalign.rm.ties import rao_kupper_log_probs
 from visalign.scorers.base import ScoreBatch, Scorer
 
 _EPS = 1e-6  # keeps logit() of probability scores finite
@@ -123,6 +124,23 @@ def best_tie_eps(gap: Tensor, tie: Tensor) -> float:
     candidates = torch.cat([torch.zeros(1), gap.abs().sort().values])
     scores = torch.tensor([tie_accuracy(gap, torch.zeros_like(gap), tie, eps=float(e)) for e in candidates])
     return float(candidates[int(scores.argmax())])
+
+
+def rao_kupper_nll(gap: Tensor, tie: Tensor, kappa: float) -> float:
+    """Mean Rao–Kupper NLL of the observed outcomes (``a`` wins, or a tie) given score gaps ``[N]`` and ``κ``."""
+    win, _, log_tie = rao_kupper_log_probs(gap, torch.zeros_like(gap), kappa)
+    return float(-torch.where(tie.bool(), log_tie, win).mean())
+
+
+def fit_kappa(gap: Tensor, tie: Tensor, grid: Tensor | None = None) -> float:
+    """The ``κ`` of a grid (default 0.05…10) that minimises :func:`rao_kupper_nll` on these pairs.
+
+    Fitting κ after training gives any scorer, including a plain-BT one, the best tie band its gaps allow, so
+    held-out NLL compares the reward geometry each objective learned, not whether it trained a κ.
+    """
+    grid = grid if grid is not None else torch.linspace(0.05, 10.0, 200)
+    values = [rao_kupper_nll(gap, tie, float(k)) for k in grid]
+    return float(grid[int(torch.tensor(values).argmin())])
 
 
 def compare(first: PairScores, second: PairScores) -> dict[str, Any]:

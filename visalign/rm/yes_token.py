@@ -187,6 +187,10 @@ def save_yes_token_rm(scorer: VlmYesScorer, out_dir: str | Path, rm_id: str, *, 
     scorer.model.save_pretrained(weights, safe_serialization=True)
     scorer.processor.save_pretrained(weights)
     params = {**scorer.card.params, "mode": scorer.mode}
+    if get_loss(config.loss).kind in ("scalar", "gaussian"):
+        # These losses train log P(yes) − log P(no): the renormalised score is its sigmoid, so the card scores
+        # exactly what was trained.
+        params["score"] = "p_yes_renorm"
     if scorer.uncertainty_head is not None:
         from safetensors.torch import save_file
 
