@@ -69,6 +69,16 @@ def test_train_writes_a_card_that_get_scorer_loads_and_eval_reports(base_card, t
     assert set(result["agreement"]) == {"sign", "pearson"}
     assert "accuracy" in capsys.readouterr().out
 
+    # `visalign score` takes the card path like an id.
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    save_image(bright[0], folder / "a.png")
+    (tmp_path / "prompts.txt").write_text(PROMPT + "\n", encoding="utf-8")
+    assert main(["score", "--scorer", str(out / "card.yaml"), "--images", str(folder), "--prompts",
+                 str(tmp_path / "prompts.txt"), "--out", str(tmp_path / "scores.jsonl"), "--no-progress"]) == 0
+    row = json.loads((tmp_path / "scores.jsonl").read_text().splitlines()[0])
+    assert 0 < row["raw"]["tiny-rm"] < 1
+
 
 def test_eval_numbers_by_hand_with_a_rule_scorer(tmp_path, capsys):
     # brightness: 3 of the 4 non-tie pairs have the brighter image chosen; the last pair is a tie.

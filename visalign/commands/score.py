@@ -84,6 +84,7 @@ def run(args: argparse.Namespace) -> int:
             raise InputError(f"--weights names {sorted(unknown_weights)}, which are not among --scorer {ids}.")
         scorers = [get_scorer(i, device=args.device, dtype=getattr(torch, DTYPES[args.dtype]), weights=weights.get(i))
                    for i in ids]
+        ids = [card.id for card in cards]  # a card file path (visalign rm train's card.yaml) is keyed by its id
         items = collect_items(args.videos or args.images, modality, args.prompts, args.captions, args.references)
     except (UnknownIdError, InputError, MediaError) as err:
         print(f"visalign score: {err}", file=sys.stderr)

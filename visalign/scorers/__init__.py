@@ -41,7 +41,10 @@ def list_scorers() -> list[str]:
 
 
 def scorer_card(name: str) -> ScorerCard:
-    """The card of a registered id; unknown ids raise with close matches and the known ids."""
+    """The card of a registered id or of a card file path; unknown ids raise with close matches and the known ids."""
+    from_file = card_from_path(name)
+    if from_file is not None:
+        return from_file
     paths = card_paths()
     if name in paths:
         return load_card(name)
@@ -83,7 +86,7 @@ def get_scorer(spec: str | Scorer | Callable[..., Any], *, device: str | torch.d
     if isinstance(spec, Scorer):
         return spec
     if isinstance(spec, str) and not is_import_path(spec):
-        card = card_from_path(spec) or scorer_card(spec)
+        card = scorer_card(spec)
         if isinstance(weights, str):
             weights = {"local_dir": weights}
         card = card.with_overrides(weights=weights, params=params)
