@@ -413,7 +413,8 @@ def run_demo(config: DemoConfig, log: Callable[[str], None] = print) -> DemoResu
     # file (visalign rm train's card.yaml) is the id inside it.
     from visalign.scorers import scorer_card
 
-    proxy = trainer.reward.scorers[scorer_card(config.reward).id]
+    scorers = trainer.reward.scorers
+    proxy = scorers[config.reward] if config.reward in scorers else scorers[scorer_card(config.reward).id]
     seconds["load"] = time.perf_counter() - clock
 
     log("[2/5] evaluating the base model (oracle + proxy, fixed seeds)")
