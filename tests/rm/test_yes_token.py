@@ -137,3 +137,21 @@ def test_gaussian_bt_trains_an_uncertainty_head_that_feeds_the_update_weights(ll
     update = spec.for_update(ScoreBatch(prompts=[PROMPT] * 8, media=images), group_ids=[0] * 8)
     torch.testing.assert_close(update.weights, expected / expected.mean(), rtol=1e-4, atol=1e-6)
     assert float(update.weights.std()) > 0  # the head tells samples apart
+
+
+def test_pairwise_judge_eval_asks_both_orders(qwen_dir):
+    from visalign.rm.evaluate import pair_metrics, score_pairs
+
+    scorer = get_scorer("pairwise-qwen2-vl-2b", weights=str(qwen_dir), params={"swap_average": False})
+    images = items(6)
+    pairs = [IndexPair(i, 4 + i) for i in range(4)]
+    scores = score_pairs(scorer, [PROMPT] * 8, images, pairs, batch_size=3)
+    with torch.no_grad():
+        ab = scorer(ScoreBatch(prompts=[PROMPT] * 4, media=images[:4], references=images[4:])).raw
+        ba = scorer(ScoreBatch(prompts=[PROMPT] * 4, media=images[4:], references=images[:4])).raw
+    torch.testing.assert_close(scores.p_ab, ab)
+    torch.testing.assert_close(scores.p_ba, ba)
+    torch.testing.assert_close(scores.gap, torch.logit((ab + 1 - ba) / 2))
+    metrics = pair_metrics(scores, torch.zeros(4, dtype=torch.bool))
+    assert metrics["swap_bias"] == pytest.approx(float((ab + ba - 1).mean()), abs=1e-6)
+    assert metrics["swap_consistency"] == pytest.approx(float(((ab > 0.5) != (ba > 0.5)).float().mean()))
