@@ -22,6 +22,7 @@ COMMANDS: dict[str, str] = {
     "demo": "visalign.commands.demo",
     "serve": "visalign.commands.serve",
     "export": "visalign.commands.export",
+    "rm": "visalign.commands.rm",
 }
 
 

@@ -12,6 +12,7 @@ always returns a :class:`Scorer`.
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -40,7 +41,10 @@ def list_scorers() -> list[str]:
 
 
 def scorer_card(name: str) -> ScorerCard:
-    """The card of a registered id; unknown ids raise with close matches and the known ids."""
+    """The card of a registered id or of a card file path; unknown ids raise with close matches and the known ids."""
+    from_file = card_from_path(name)
+    if from_file is not None:
+        return from_file
     paths = card_paths()
     if name in paths:
         return load_card(name)
@@ -52,13 +56,22 @@ def scorer_card(name: str) -> ScorerCard:
         "Scorer instance. Add card folders with VISALIGN_CARD_PATH."))
 
 
+def card_from_path(spec: str) -> ScorerCard | None:
+    """The card of an explicit ``.yaml``/``.yml`` card file (what ``visalign rm train`` writes), else None."""
+    path = Path(spec).expanduser()
+    if path.suffix in (".yaml", ".yml") and path.is_file():
+        return ScorerCard.from_file(path, require_stem=False)
+    return None
+
+
 def get_scorer(spec: str | Scorer | Callable[..., Any], *, device: str | torch.device = "cpu",
                dtype: torch.dtype = torch.float32, weights: dict[str, Any] | str | None = None,
                params: dict[str, Any] | None = None, modality: str = "image") -> Scorer:
     """Turn any scorer spec into a :class:`Scorer`.
 
     Args:
-        spec: a registered id, ``"pkg.module:Name"`` (a Scorer subclass or a callable), a callable
+        spec: a registered id, the path of a card file (``runs/rm/card.yaml``), ``"pkg.module:Name"`` (a Scorer
+            subclass or a callable), a callable
             ``(media, prompts, **kwargs) -> [B] floats`` (or ``(prompts, completions, **kwargs)`` for
             ``modality="text"``), or a Scorer instance (returned as is).
         device: device for weights and inputs.

@@ -123,7 +123,9 @@ class ScorerCard:
                    source=source)
 
     @classmethod
-    def from_file(cls, path: str | os.PathLike[str]) -> ScorerCard:
+    def from_file(cls, path: str | os.PathLike[str], *, require_stem: bool = True) -> ScorerCard:
+        """Read a card file; ``require_stem`` (card folders) insists the file is named ``<id>.yaml``, which an
+        explicit card path (``get_scorer("runs/rm/card.yaml")``) need not be."""
         path = Path(path)
         try:
             data = yaml.safe_load(path.read_text(encoding="utf-8"))
@@ -132,7 +134,7 @@ class ScorerCard:
         if not isinstance(data, dict):
             raise ValueError(f"Card {path} must be a YAML mapping.")
         card = cls.from_mapping(data, source=str(path))
-        if card.id != path.stem:
+        if require_stem and card.id != path.stem:
             raise ValueError(f"Card {path} declares id {card.id!r}; the file must be named {card.id}.yaml.")
         return card
 

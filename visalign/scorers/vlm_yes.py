@@ -75,6 +75,16 @@ def answer_token_ids(tokenizer: Any, words: list[str]) -> list[int]:
     return sorted(ids)
 
 
+def uncertainty_head_for(model: Any) -> torch.nn.Linear:
+    """A zero-initialised linear head ``[D] → 1`` (log σ = 0, σ = 1 at first) on the text model's hidden size."""
+    config = model.config
+    size = int(getattr(config, "text_config", config).hidden_size)
+    head = torch.nn.Linear(size, 1)
+    torch.nn.init.zeros_(head.weight)
+    torch.nn.init.zeros_(head.bias)
+    return head
+
+
 def sample_frames(video: Tensor, num_frames: int) -> Tensor:
     """``num_frames`` frames spread uniformly over a clip (first and last included); all of them if fewer.
 
@@ -110,6 +120,11 @@ class VlmYesScorer(Scorer):
     * ``num_frames``: frames sampled from a video (default 8). ``family``: force a family from vlm_families.
     * ``video_input``: ``frames`` (default: the sampled frames are separate images) or ``native`` (one video input,
       ``pixel_values_videos`` + ``video_grid_thw``, for families that take video: Qwen2-VL).
+    * ``uncertainty_head``: a safetensors file (relative to ``local_dir``) of a linear head on the answer-position
+      hidden state giving log σ of the yes/no log-odds (``visalign rm train --loss gaussian-bt``); pointwise mode
+      only. Extras then carry ``log_sigma`` and ``weight = exp(−σ²/τ)``, rescaled to mean 1 over the batch, which
+      ``RewardSpec(uncertainty_weights=True)`` multiplies into the update (docs/methods.md#reward-models);
+      ``uncertainty_tau``: τ (default 1).
     * ``fast_inputs``: build token ids, pixels and (Qwen2-VL) positions with batched tensor ops, checked once per
       input shape against the processor (default true); false always runs the processor.
     * ``trust_remote_code``: let transformers run code shipped with the weights (default false; only for
@@ -151,6 +166,13 @@ class VlmYesScorer(Scorer):
         if self.video_input not in VIDEO_INPUTS:
             raise ValueError(f"params.video_input {self.video_input!r} {where} must be one of {VIDEO_INPUTS}.")
         self.fast_inputs = bool(p.get("fast_inputs", True))
+        self.uncertainty_file = p.get("uncertainty_head")
+        self.uncertainty_tau = float(p.get("uncertainty_tau", 1.0))
+        if self.uncertainty_file and self.mode != "pointwise":
+            raise ValueError(f"params.uncertainty_head {where} needs mode pointwise; got {self.mode!r}.")
+        if self.uncertainty_tau <= 0:
+            raise ValueError(f"params.uncertainty_tau {self.uncertainty_tau} {where} must be > 0.")
+        self.uncertainty_head: torch.nn.Module | None = None
 
     # ------------------------------------------------------------------ loading
     def _source(self) -> str:
@@ -205,9 +227,21 @@ class VlmYesScorer(Scorer):
             raise ValueError(f"Scorer {self.id!r}: params.video_input 'native' needs a family that takes video "
                              f"input ({native}); family {self.family.name!r} does not. Use video_input: frames.")
         self.processor, self.model = processor, model
+        if self.uncertainty_file:
+            self.uncertainty_head = self._load_uncertainty_head(Path(source) / str(self.uncertainty_file))
         self._render_cache: dict[tuple[str, int], str | None] = {}
         self._fast_checked: dict[tuple, bool] = {}
         self._splice_cache: dict[tuple[str, int], tuple[str, str, list[int], list[int]] | None] = {}
+
+    def _load_uncertainty_head(self, path: Path) -> torch.nn.Module:
+        from safetensors.torch import load_file
+
+        if not path.is_file():
+            raise WeightsUnavailableError(f"Scorer {self.id!r}: uncertainty head {str(path)!r} does not exist; "
+                                          "retrain with visalign rm train --loss gaussian-bt or drop the param.")
+        head = uncertainty_head_for(self.model)
+        head.load_state_dict(load_file(str(path)), strict=True)
+        return head.to(self.device).eval().requires_grad_(False)
 
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()
@@ -262,17 +296,33 @@ class VlmYesScorer(Scorer):
     # ------------------------------------------------------------------ the forward pass
     def answer_probs(self, images: list[list[Tensor]], questions: list[str],
                      kind: str = "image") -> tuple[Tensor, Tensor]:
-        """P(yes) and P(yes)/(P(yes)+P(no)) for N queries, in one forward pass.
+        """P(yes) and P(yes)/(P(yes)+P(no)) for N queries, in one forward pass (see :meth:`answer_log_probs`).
+
+        Returns:
+            ``(p_yes, p_yes_renorm)``, each float32 ``[N]`` in [0, 1]; differentiable in ``images`` when grad is
+            enabled and the family has a tensor preprocessing path.
+        """
+        logp = self.answer_log_probs(images, questions, kind)
+        lse_yes = torch.logsumexp(logp[:, self.yes_ids], dim=-1)
+        lse_no = torch.logsumexp(logp[:, self.no_ids], dim=-1)
+        return lse_yes.exp(), torch.sigmoid(lse_yes - lse_no)
+
+    def answer_log_probs(self, images: list[list[Tensor]], questions: list[str], kind: str = "image",
+                         with_hidden: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+        """Log-softmax over the vocabulary at the answer position of N queries, in one forward pass; also what a
+        reward-model trainer differentiates (visalign/rm/yes_token.py).
 
         Args:
             images: per query, its visual inputs, all the same size: images float in [0, 1] ``[3, H, W]``, or for
                 ``kind="video"`` clips ``[F, 3, H, W]``.
             questions: per query, the user question.
             kind: ``"image"`` or ``"video"`` (native video input).
+            with_hidden: also return the last layer's hidden state at the answer position (the uncertainty head's
+                input), float32 ``[N, D]``.
 
         Returns:
-            ``(p_yes, p_yes_renorm)``, each float32 ``[N]`` in [0, 1]; differentiable in ``images`` when grad is
-            enabled and the family has a tensor preprocessing path.
+            float32 ``[N, V]`` (and the hidden state); differentiable in ``images`` (and in the model's weights when
+            they require grad) when grad is enabled and the family has a tensor preprocessing path.
         """
         texts = [self.render(q, len(ims), kind) for q, ims in zip(questions, images, strict=True)]
         inputs = self.model_inputs(texts, images, kind)
@@ -282,15 +332,17 @@ class VlmYesScorer(Scorer):
         mask = inputs["attention_mask"]
         # use_cache=False: one pass, no decoding, so building a KV cache is pure overhead.
         if bool(mask[:, -1].all()):
-            logits = self.model(**inputs, use_cache=False, logits_to_keep=1).logits[:, -1]
+            out = self.model(**inputs, use_cache=False, logits_to_keep=1, output_hidden_states=with_hidden)
+            logits = out.logits[:, -1]
+            hidden = out.hidden_states[-1][:, -1] if with_hidden else None
         else:  # right padding: gather each row's last real position
             last = (mask * torch.arange(mask.shape[1], device=mask.device)).argmax(dim=1)
-            logits = self.model(**inputs, use_cache=False).logits[torch.arange(mask.shape[0], device=mask.device),
-                                                                   last]
-        logp = torch.log_softmax(logits.float(), dim=-1)
-        lse_yes = torch.logsumexp(logp[:, self.yes_ids], dim=-1)
-        lse_no = torch.logsumexp(logp[:, self.no_ids], dim=-1)
-        return lse_yes.exp(), torch.sigmoid(lse_yes - lse_no)
+            rows = torch.arange(mask.shape[0], device=mask.device)
+            out = self.model(**inputs, use_cache=False, output_hidden_states=with_hidden)
+            logits = out.logits[rows, last]
+            hidden = out.hidden_states[-1][rows, last] if with_hidden else None
+        log_probs = torch.log_softmax(logits.float(), dim=-1)
+        return (log_probs, hidden.float()) if with_hidden else log_probs
 
     def model_inputs(self, texts: list[str], images: list[list[Tensor]], kind: str = "image") -> dict[str, Any]:
         """The model's inputs for rendered ``texts`` and their visual inputs (see :meth:`answer_probs`).
@@ -474,12 +526,28 @@ class VlmYesScorer(Scorer):
             p_yes, p_renorm, extras = self._pairwise(batch, visuals)
         elif self.mode == "multi-question":
             p_yes, p_renorm, extras = self._multi_question(batch, visuals)
+        elif self.uncertainty_head is not None:
+            p_yes, p_renorm, extras = self._with_uncertainty(batch, visuals)
         else:
             questions = [self.template.format(prompt=p) for p in batch.prompts]
             p_yes, p_renorm = self.answer_probs(visuals, questions, self._kind(batch.media))
             extras = {}
         extras.update(p_yes=p_yes, p_yes_renorm=p_renorm)
         return RawScore(p_yes if self.score_name == "p_yes" else p_renorm, extras)
+
+    def _with_uncertainty(self, batch: ScoreBatch, visuals: list[list[Tensor]]
+                          ) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+        """Pointwise P(yes) plus the head's log σ and the weight ``exp(−σ²/τ)`` (mean 1 over the batch)."""
+        assert self.uncertainty_head is not None
+        questions = [self.template.format(prompt=p) for p in batch.prompts]
+        log_probs, hidden = self.answer_log_probs(visuals, questions, self._kind(batch.media), with_hidden=True)
+        lse_yes = torch.logsumexp(log_probs[:, self.yes_ids], dim=-1)
+        lse_no = torch.logsumexp(log_probs[:, self.no_ids], dim=-1)
+        log_sigma = self.uncertainty_head(hidden).squeeze(-1).detach()
+        weight = torch.exp(-torch.exp(2 * log_sigma) / self.uncertainty_tau)
+        # Mean 1, as visalign.scorers.uncertainty does: re-weighting must not rescale the whole update.
+        weight = weight / weight.mean().clamp_min(1e-12)
+        return lse_yes.exp(), torch.sigmoid(lse_yes - lse_no), {"log_sigma": log_sigma, "weight": weight}
 
     def _pairwise(self, batch: ScoreBatch, visuals: list[list[Tensor]]) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
         if batch.references is None:

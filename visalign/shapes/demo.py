@@ -409,7 +409,12 @@ def run_demo(config: DemoConfig, log: Callable[[str], None] = print) -> DemoResu
         f"{config.objective!r}; {len(prompts.align)} alignment prompts, evaluation on "
         + ", ".join(f"{len(v)} {k}" for k, v in prompts.eval_sets.items()))
     trainer = Trainer(train_config(config, align_file, run_dir))
-    proxy = trainer.reward.scorers[config.reward]  # the training reward's own instance: its weights load once
+    # The training reward's own instance (its weights load once); terms are keyed by scorer id, which for a card
+    # file (visalign rm train's card.yaml) is the id inside it.
+    from visalign.scorers import scorer_card
+
+    scorers = trainer.reward.scorers
+    proxy = scorers[config.reward] if config.reward in scorers else scorers[scorer_card(config.reward).id]
     seconds["load"] = time.perf_counter() - clock
 
     log("[2/5] evaluating the base model (oracle + proxy, fixed seeds)")
