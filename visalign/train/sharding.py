@@ -3,10 +3,10 @@
 
 A LoRA run keeps the all-reduce data-parallel path of ``visalign/train/distributed.py``: its trainable weights are a
 few MB, and every process holds the frozen base anyway. A full fine-tune is where sharding pays: each block of the
-denoiser (every element of its top-level block lists, e.g. a UNet's ``down_blocks`` / ``up_blocks``, a DiT's
-``transformer_blocks``) and then the root are ``fully_shard``-ed, so each process stores 1/N of the weights, their
-gradients and the AdamW moments; a block's weights are all-gathered for its forward and its gradient is
-reduce-scattered inside backward, instead of the loop's own all-reduce.
+denoiser (:func:`shard_blocks`: a UNet's down, mid and up blocks, a DiT's transformer blocks) and then the root are
+``fully_shard``-ed, so each process stores 1/N of the weights, their gradients and the AdamW moments; a block's
+weights are all-gathered for its forward and its gradient is reduce-scattered inside backward, instead of the loop's
+own all-reduce.
 
 The hazard: those collectives run inside every forward and backward of the denoiser, so every process must call it
 the same number of times, in the same order. Rollouts and evaluation do (same sizes on every process; evaluation runs
@@ -107,19 +107,22 @@ def fsdp_launch(env: Mapping[str, str], *, full_finetune: bool, objective: Any, 
 
 
 def shard_blocks(module: torch.nn.Module) -> list[torch.nn.Module]:
-    """The modules :func:`shard_denoiser` shards before the root: the elements of every ``ModuleList`` not nested
-    inside an element already chosen (a UNet's down/up blocks, a DiT's transformer blocks; their inner
-    ``resnets`` / ``attentions`` lists stay inside their block)."""
+    """The modules :func:`shard_denoiser` shards before the root, in forward order where the model has one:
+    the elements of the root's own ``ModuleList`` children (a UNet's ``down_blocks`` / ``up_blocks``, a DiT's
+    ``transformer_blocks``) and a child block that is not in a list (a UNet's ``mid_block``); a model whose
+    block lists sit deeper (a causal LM's ``model.layers``) shards the elements of its shallowest lists."""
     blocks: list[torch.nn.Module] = []
-    chosen: list[str] = []
-    for name, child in module.named_modules():
-        if not isinstance(child, torch.nn.ModuleList) or any(name.startswith(c + ".") for c in chosen):
-            continue
-        for index, block in enumerate(child):
-            if any(p.requires_grad for p in block.parameters()):
-                blocks.append(block)
-                chosen.append(f"{name}.{index}" if name else str(index))
-    return blocks
+    for name, child in module.named_children():
+        if isinstance(child, torch.nn.ModuleList):
+            blocks.extend(child)
+        elif name.endswith("block"):
+            blocks.append(child)
+    if not blocks:
+        lists = [(n.count("."), m) for n, m in module.named_modules() if isinstance(m, torch.nn.ModuleList)]
+        shallowest = min((depth for depth, _ in lists), default=None)
+        blocks = [b for depth, m in lists if depth == shallowest for b in m]
+    # A block without trainable weights gains nothing from its own unit (and FSDP wants some parameters).
+    return [b for b in blocks if any(p.requires_grad for p in b.parameters())]
 
 
 def shard_denoiser(module: torch.nn.Module, launch: FsdpLaunch) -> None:
