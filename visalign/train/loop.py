@@ -455,6 +455,7 @@ class Trainer:
             self.first_eval = self.evaluate()
             if self.first_eval:
                 self.logger.log(self.iteration, self.first_eval)
+            if self.evaluator.active:  # on every process: the main one broadcasts its verdict
                 self._track_early_stop(self.first_eval)
         self.bar = tqdm(total=r.iterations, initial=self.iteration, disable=not (r.progress and main), unit="it",
                         dynamic_ncols=True)
