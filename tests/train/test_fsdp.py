@@ -40,13 +40,13 @@ def _launch_fsdp(*args: str) -> None:
     assert done.returncode == 0, "\n".join(errors[-4:]) or done.stderr[-3000:]
 
 
-def _overrides(tiny_sd, tmp_path, run: str, iterations: int) -> list[str]:
+def _overrides(tiny_sd, tmp_path, run: str, iterations: int, *extra: str) -> list[str]:
     table = tmp_path / "prompts.jsonl"
     table.write_text("".join(json.dumps({"prompt": p, "skip_odd": s}) + "\n" for p, s in PROMPTS))
     return [*FAST, "sample.prompts_per_step=2", f"sample.prompts={table}", f"model.model={tiny_sd}",
             "model.lora_rank=0", "reward.terms=['tests.train.scorers:BrightnessOddNan']", "eval.prompts=null",
             "objective.params.micro_batch=1", f"optim.lr={LR}", "run.seed=0", "run.checkpoint_every=1",
-            f"run.iterations={iterations}", f"run.output_dir={tmp_path / run}"]
+            f"run.iterations={iterations}", f"run.output_dir={tmp_path / run}", *extra]
 
 
 def _check_same_update(after: dict[str, torch.Tensor], reference: dict[str, torch.Tensor],
@@ -133,18 +133,30 @@ def test_fsdp_matches_the_all_reduce_path_with_uneven_micro_batches(tiny_sd, tmp
 @pytest.mark.slow  # three 2-process launches: about 75 s of CPU
 def test_fsdp_resume_replays_the_uninterrupted_run(tiny_sd, tmp_path):
     """A sharded run stopped after its iteration-1 checkpoint and resumed to 2 iterations ends with the weights
-    and metrics of an uninterrupted one: the full weights, AdamW moments and steps are sharded back exactly."""
+    and metrics of an uninterrupted one: the full weights, AdamW moments, EMA and early-stop best weights are
+    sharded back exactly. Evaluation (every process samples, the main one scores) runs every iteration."""
     pytest.importorskip("accelerate")
     for name in ("a", "b"):
         (tmp_path / name).mkdir()
-    _launch_fsdp(str(tmp_path / "a"), str(TINY_RECIPE), *_overrides(tiny_sd, tmp_path, "run-a", 2))
-    _launch_fsdp(str(tmp_path / "b"), str(TINY_RECIPE), *_overrides(tiny_sd, tmp_path, "run-b", 1))
-    _launch_fsdp("--resume", str(tmp_path / "b"), str(TINY_RECIPE), *_overrides(tiny_sd, tmp_path, "run-b", 2))
+    evals = tmp_path / "eval.jsonl"  # the proxy evaluation scores with the training reward: it needs the column
+    evals.write_text("".join(json.dumps({"prompt": p, "skip_odd": False}) + "\n" for p in ("a cat", "a dog")))
+    more = [f"eval.prompts={evals}", "eval.scorers=[saturation]",
+            "eval.every=1", "optim.ema_decay=0.9", "eval.early_stop_metric=eval/reward", "eval.early_stop_patience=5"]
+    _launch_fsdp(str(tmp_path / "a"), str(TINY_RECIPE), *_overrides(tiny_sd, tmp_path, "run-a", 2, *more))
+    _launch_fsdp(str(tmp_path / "b"), str(TINY_RECIPE), *_overrides(tiny_sd, tmp_path, "run-b", 1, *more))
+    _launch_fsdp("--resume", str(tmp_path / "b"), str(TINY_RECIPE),
+                 *_overrides(tiny_sd, tmp_path, "run-b", 2, *more))
     (_, (a, _)), (_, (b, _)) = _records(tmp_path / "a"), _records(tmp_path / "b")
     assert a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a), "the resumed run diverged"
     ref, res = read_metrics(tmp_path / "run-a"), read_metrics(tmp_path / "run-b")
-    assert [r["step"] for r in res] == [1, 2]
-    assert [(r["reward"], r["grad_norm"]) for r in res] == [(r["reward"], r["grad_norm"]) for r in ref]
+    # Iteration rows (they have lr) and the final evaluation; run b's 1-iteration leg also logged a final one.
+    keys = ("step", "reward", "grad_norm", "eval/reward")
+    rows_b = [[r.get(k) for k in keys] for r in [*(r for r in res if "lr" in r), res[-1]]]
+    rows_a = [[r.get(k) for k in keys] for r in [*(r for r in ref if "lr" in r), ref[-1]]]
+    assert len(rows_a) == 3 and rows_a[-1][3] is not None and rows_b == rows_a
+    final_a = load_file(str(tmp_path / "run-a" / "final" / "unet" / "diffusion_pytorch_model.safetensors"))
+    final_b = load_file(str(tmp_path / "run-b" / "final" / "unet" / "diffusion_pytorch_model.safetensors"))
+    assert all(torch.equal(final_a[n], final_b[n]) for n in final_a)  # best / EMA weights, resumed exactly
 
 
 def test_fsdp_launch_settings_the_loop_cannot_honour_are_refused():
