@@ -16,6 +16,7 @@ from safetensors.torch import save_file
 
 from visalign.train.config import load_train_config
 from visalign.train.loop import Trainer
+from visalign.train.sharding import gather_full
 
 
 class RecordingTrainer(Trainer):
@@ -28,7 +29,8 @@ class RecordingTrainer(Trainer):
 
         def recording_score(rollout: Any) -> Any:
             batch = score(rollout)
-            self.local.append({"prompts": list(rollout.prompts), "rewards": self.source.reward_output.total.tolist()})
+            self.local.append({"prompts": list(rollout.prompts), "rewards": self.source.reward_output.total.tolist(),
+                               "active": int(((batch.effective_weights > 0) & (batch.advantages != 0)).sum())})
             return batch
 
         self.source.score = recording_score
@@ -41,7 +43,9 @@ def main(argv: list[str]) -> int:
     trainer.run(resume=resume)
     rank = trainer.dist.process_index
     out = Path(record_dir)
-    save_file({n: p.detach().contiguous() for n, p in trainer.params.items()}, str(out / f"rank{rank}.safetensors"))
+    # Under FSDP each process holds shards: every process gathers the full weights (a collective) and writes them.
+    full = gather_full(trainer.params)
+    save_file({n: p.contiguous() for n, p in full.items()}, str(out / f"rank{rank}.safetensors"))
     (out / f"rank{rank}.json").write_text(json.dumps({"num_processes": trainer.dist.num_processes,
                                                       "iterations": trainer.local}))
     return 0

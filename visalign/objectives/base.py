@@ -52,6 +52,10 @@ class UpdateContext:
             → float32 [B]`` that keeps the graph back to ``media``; set only for objectives that need
             ``reward_grad`` (reward backprop).
         scorers: the scorers of :meth:`Objective.scorer_specs`, by the same keys, built by the engine.
+        equal_micro_batches: the objective's micro-batch plan (a list, one entry per optimizer micro-step) →
+            the plan every process runs. The identity except under FSDP (``visalign/train/sharding.py``), where
+            shorter plans are padded with ``None`` entries on which a :attr:`Objective.uniform_passes` objective
+            runs the same denoiser passes with zero weight, so every process calls the denoiser equally often.
     """
 
     adapter: GeneratorAdapter
@@ -60,6 +64,7 @@ class UpdateContext:
     generator: torch.Generator
     reward: Callable[[Tensor, list[str], list[Any] | None], Tensor] | None = None
     scorers: dict[str, Any] = field(default_factory=dict)
+    equal_micro_batches: Callable[[list[Any]], list[Any]] = list
 
 
 @dataclass
@@ -78,6 +83,10 @@ class Objective:
     # with η = 0) but needs the reward's gradient instead.
     needs: ClassVar[frozenset[str]] = frozenset({"log_probs"})
     default_source: ClassVar[str] = "online"
+    # True when update() plans its micro-batches through ctx.equal_micro_batches and runs, for a padding (None)
+    # entry, the same denoiser passes as for a real one with zero weight: the condition for FSDP, whose collectives
+    # need every process to call the denoiser the same number of times (docs/architecture.md#fsdp).
+    uniform_passes: ClassVar[bool] = False
 
     def __init__(self, params: dict[str, Any] | None = None) -> None:
         from visalign.config import from_dict

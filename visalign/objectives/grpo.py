@@ -71,6 +71,7 @@ class GrpoObjective(Objective):
 
     name = "grpo"
     Params = GrpoParams
+    uniform_passes = True  # every micro-step is len(train_steps) recomputed steps, padding ones included
 
     def scorer_specs(self) -> dict[str, str]:
         # The anchor is a scorer the engine builds (and checks for gradients) like the reward's own terms.
@@ -83,21 +84,35 @@ class GrpoObjective(Objective):
         if p.skip_zero_advantage:
             active = active[batch.advantages[active] != 0]
         metrics = MetricMeans()
+        chunks: list[list[int]] = []
+        if active.numel():
+            size = p.micro_batch or int(active.numel())
+            for _ in range(p.inner_epochs):
+                order = active[torch.randperm(active.numel(), generator=ctx.generator)]
+                chunks.extend(micro_batches(order.tolist(), size))
+        steps = list(ctx.train_steps)
+        for chunk in ctx.equal_micro_batches(chunks):
+            if chunk is None:  # FSDP: another process has more micro-batches; the same passes, zero weight
+                self._micro_step(batch, ctx, [self._padding_sample(batch)], steps, None)
+            else:
+                self._micro_step(batch, ctx, chunk, steps, metrics)
+            metrics.add(grad_norm=ctx.optimizer_step())
         if active.numel() == 0:
             return {"active_fraction": 0.0}
-        size = p.micro_batch or int(active.numel())
-        steps = list(ctx.train_steps)
-        for _ in range(p.inner_epochs):
-            order = active[torch.randperm(active.numel(), generator=ctx.generator)]
-            for chunk in micro_batches(order.tolist(), size):
-                self._micro_step(batch, ctx, chunk, steps, metrics)
-                metrics.add(grad_norm=ctx.optimizer_step())
         out = metrics.means()
         out["active_fraction"] = float(active.numel()) / len(batch)
         return out
 
+    @staticmethod
+    def _padding_sample(batch: OnlineBatch) -> int:
+        # A kept sample: its reward is finite (a NaN-dropped one's latents are fine too, but keep the pass tame).
+        kept = torch.nonzero(batch.keep).flatten()
+        return int(kept[0]) if kept.numel() else 0
+
     def _micro_step(self, batch: OnlineBatch, ctx: UpdateContext, chunk: list[int], steps: list[int],
-                    metrics: MetricMeans) -> None:
+                    metrics: MetricMeans | None) -> None:
+        """Backward through the loss of ``chunk`` at each trained step; ``metrics`` None: a padding pass whose
+        loss is multiplied by 0 (its gradient is exactly zero, its forward and backward calls are a real one's)."""
         p: GrpoParams = self.params
         sub = batch.rollout.select(chunk)
         adv = batch.advantages[chunk].to(sub.latents.device)
@@ -118,7 +133,11 @@ class GrpoObjective(Objective):
             if p.anchor is not None:
                 hinge = self._anchor_hinge(ctx, sub, out, ref)
                 loss = loss + p.anchor_weight * hinge
-                metrics.add(anchor_hinge=hinge)
+                if metrics is not None:
+                    metrics.add(anchor_hinge=hinge)
+            if metrics is None:
+                (loss * 0.0).backward()
+                continue
             (loss / len(steps)).backward()
             metrics.add(policy_loss=policy_loss, kl=kl, clipfrac=(gt | lt).float().mean(),
                         clipfrac_gt_one=gt.float().mean(), clipfrac_lt_one=lt.float().mean(),

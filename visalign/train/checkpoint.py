@@ -67,13 +67,14 @@ def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict[str, Any])
 
 
 def save_checkpoint(run_dir: str | Path, step: int, *, params: dict[str, torch.Tensor],
-                    optimizer: torch.optim.Optimizer, extra_tensors: dict[str, torch.Tensor],
+                    optimizer: torch.optim.Optimizer | dict[str, Any], extra_tensors: dict[str, torch.Tensor],
                     state: dict[str, Any], keep_last: int) -> Path:
     """Write checkpoint ``step`` atomically and prune to the newest ``keep_last``.
 
     Args:
         params: name → trainable tensor (saved exactly, in their dtype).
-        optimizer: its ``state_dict()`` is split into tensors (safetensors) and plain values (JSON).
+        optimizer: the optimizer (or its ``state_dict()``, e.g. gathered from shards); the state dict is split
+            into tensors (safetensors) and plain values (JSON).
         extra_tensors: RNG states, EMA shadow weights, ... (name → tensor).
         state: JSON-serialisable run state (step, data position, scheduler, transforms...).
     """
@@ -88,7 +89,8 @@ def save_checkpoint(run_dir: str | Path, step: int, *, params: dict[str, torch.T
     tmp.mkdir()
     try:
         save_file({k: v.detach().cpu().contiguous() for k, v in params.items()}, str(tmp / "weights.safetensors"))
-        opt_tensors, opt_meta = _flatten_optimizer(optimizer.state_dict())
+        opt_state = optimizer if isinstance(optimizer, dict) else optimizer.state_dict()
+        opt_tensors, opt_meta = _flatten_optimizer(opt_state)
         save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
         save_file({k: v.detach().cpu().contiguous() for k, v in extra_tensors.items()},
                   str(tmp / "extra.safetensors"))

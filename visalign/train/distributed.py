@@ -172,6 +172,12 @@ class GradientSync:
         self.pending = 0
         self.norms: list[float] = []
 
+    @staticmethod
+    def equal_micro_batches(chunks: Sequence[Any]) -> list[Any]:
+        """The objective's micro-batch plan as is: the all-reduce path lets processes run different numbers of
+        micro-steps (:class:`~visalign.train.sharding.ShardedGradientSync` is the one that pads)."""
+        return list(chunks)
+
     def micro_step(self) -> float:
         """Called by the objective after a backward pass.
 

@@ -36,6 +36,7 @@ from visalign.generators import LoraSpec
 from visalign.objectives.base import UpdateContext, build_objective
 from visalign.rewards import RewardSpec
 from visalign.scorers import ScoreBatch, get_scorer
+from visalign.train import sharding
 from visalign.train.checkpoint import checkpoint_dir, latest_checkpoint, load_checkpoint, save_checkpoint
 from visalign.train.config import TrainConfig
 from visalign.train.deployments import resolve_terms
@@ -73,6 +74,12 @@ class Trainer:
         # A bare "cuda" means this process's own GPU under accelerate launch (cuda:LOCAL_RANK).
         device = str(self.dist.device) if m.device == "cuda" else m.device
         self.objective = build_objective(config.objective.name, config.objective.params)
+        # FSDP2 for a full fine-tune (docs/architecture.md#fsdp); None: the all-reduce path (or one process).
+        self.fsdp = sharding.fsdp_launch(os.environ, full_finetune=m.lora_rank == 0 and m.init_lora is None,
+                                         objective=self.objective, mixed_precision=precision)
+        if self.fsdp is not None and not self.dist.multi:
+            raise ValueError("accelerate launch --use_fsdp with one process: there is nothing to shard over; launch "
+                             "with --num_processes 2 or more, or without --use_fsdp.")
         source_cls = source_class(config.source.name or self.objective.default_source)
         check_compatible(source_cls, type(self.objective))
         r = config.reward
@@ -143,15 +150,18 @@ class Trainer:
             self.adapter.add_lora(LoraSpec(rank=m.lora_rank, alpha=m.lora_alpha, target_modules=list(m.lora_targets)))
         else:
             self.adapter.train_full()
-        if m.gradient_checkpointing:
+        if m.gradient_checkpointing or (self.fsdp is not None and self.fsdp.activation_checkpointing):
             self.adapter.set_gradient_checkpointing(True)
+        self.dist.broadcast_parameters(p for p in self.adapter.denoiser.parameters() if p.requires_grad)
+        if self.fsdp is not None:  # after the broadcast: every process shards the same weights
+            sharding.shard_denoiser(self.adapter.denoiser, self.fsdp)
         self.params = {n: p for n, p in self.adapter.denoiser.named_parameters() if p.requires_grad}
-        self.dist.broadcast_parameters(self.params.values())
         o = self.config.optim
         self.optimizer = build_optimizer(self.params.values(), o)
         self.scheduler = build_scheduler(self.optimizer, o)
         self.ema = {n: p.detach().clone() for n, p in self.params.items()} if o.ema_decay else None
-        self.grad_sync = GradientSync(list(self.params.values()), self.dist, o.grad_accumulation, self._optimizer_step)
+        sync = sharding.ShardedGradientSync if self.fsdp is not None else GradientSync
+        self.grad_sync = sync(list(self.params.values()), self.dist, o.grad_accumulation, self._optimizer_step)
 
     # ------------------------------------------------------------ one update
 
@@ -167,7 +177,7 @@ class Trainer:
         ctx = UpdateContext(self.adapter, self.source.train_steps(batch), self.grad_sync.micro_step,
                             torch.Generator().manual_seed(self._seed(3)),
                             reward=self.reward_with_grad if "reward_grad" in self.objective.needs else None,
-                            scorers=self.scorers)
+                            scorers=self.scorers, equal_micro_batches=self.grad_sync.equal_micro_batches)
         self.grad_sync.norms = []
         metrics = self.objective.update(batch, ctx)
         self.grad_sync.flush()
@@ -209,10 +219,14 @@ class Trainer:
             and on processes other than the main one (the replicas hold the same weights, so one evaluation serves
             all).
         """
-        if not self.evaluator.active or not self.dist.is_main:
+        # Sharded, every process takes part in the sampling (each denoiser call gathers weights) and all but
+        # the main one drop the result.
+        if not self.evaluator.active or not (self.dist.is_main or self.fsdp is not None):
             return {}
         with self._ema_weights():
             metrics, media = self.evaluator(self.adapter)
+        if not self.dist.is_main:
+            return {}
         if self.logger is not None and media is not None:  # text evaluations have no grid
             self.logger.grid(self.iteration, media, columns=min(8, len(self.evaluator.prompts)))
         return metrics
@@ -228,15 +242,18 @@ class Trainer:
         if self.dist.is_main and value is None:
             raise TrainingError(f"eval.early_stop_metric {key!r} is not among the eval metrics "
                                 f"{sorted(k for k in metrics if k.startswith('eval/'))}.")
+        improved = False
         if self.dist.is_main:
-            if state["best"] is None or value > state["best"]:
+            improved = state["best"] is None or value > state["best"]
+            if improved:
                 state["best"], state["since_best"] = float(value), 0
-                with self._ema_weights():
-                    self.best_params = {n: p.detach().clone() for n, p in self.params.items()}
             else:
                 state["since_best"] += 1
             state["stopped"] = state["since_best"] >= self.config.eval.early_stop_patience
-        self.early_stop = self.dist.broadcast_object(dict(state))
+        self.early_stop, improved = self.dist.broadcast_object((dict(state), improved))
+        if improved and (self.dist.is_main or self.fsdp is not None):  # sharded: each process keeps its shard
+            with self._ema_weights():
+                self.best_params = {n: p.detach().clone() for n, p in self.params.items()}
 
     @contextlib.contextmanager
     def _ema_weights(self) -> Iterator[None]:
@@ -282,15 +299,22 @@ class Trainer:
         own = (torch.get_rng_state(), _state(self.reward))
         gathered = self.dist.gather_objects(own)
         path = checkpoint_dir(self.run_dir) / f"step-{self.iteration:06d}"
+        weights = {}
+        if self.ema is not None:
+            weights.update({f"ema.{n}": t for n, t in self.ema.items()})
+        # The objective's own state (e.g. DRAGON's frozen reference of a full fine-tune), the same everywhere.
+        weights.update({f"objective.{k}": t for k, t in self.objective.state_tensors().items()})
+        if self.best_params is not None:  # the early stop's best weights so far: final/ is saved from them
+            weights.update({f"best.{n}": t for n, t in self.best_params.items()})
+        params, optimizer = self.params, self.optimizer
+        if self.fsdp is not None:  # full tensors, gathered by every process: the single-process checkpoint format
+            weights = sharding.gather_full(weights)
+            params = sharding.full_model_state(self.adapter.denoiser, list(self.params))
+            optimizer = sharding.full_optimizer_state(self.adapter.denoiser, self.optimizer, list(self.params))
         if self.dist.is_main:
             extra = {"torch_rng": gathered[0][0]}
             extra.update({f"torch_rng.rank{r}": g[0] for r, g in enumerate(gathered) if r > 0})
-            if self.ema is not None:
-                extra.update({f"ema.{n}": t for n, t in self.ema.items()})
-            # The objective's own state (e.g. DRAGON's frozen reference of a full fine-tune), the same everywhere.
-            extra.update({f"objective.{k}": t for k, t in self.objective.state_tensors().items()})
-            if self.best_params is not None:  # the early stop's best weights so far: final/ is saved from them
-                extra.update({f"best.{n}": t for n, t in self.best_params.items()})
+            extra.update(weights)
             state = {"iteration": self.iteration, "optimizer_steps": self.optimizer_steps,
                      "scheduler": self.scheduler.state_dict(), "source": self.source.state_dict(),
                      "reward": _state(self.reward), "eval_reward": _state(self.eval_reward),
@@ -301,7 +325,7 @@ class Trainer:
                 state["num_processes"] = self.dist.num_processes
                 state["reward_other_ranks"] = [g[1] for g in gathered[1:]]
             try:
-                path = save_checkpoint(self.run_dir, self.iteration, params=self.params, optimizer=self.optimizer,
+                path = save_checkpoint(self.run_dir, self.iteration, params=params, optimizer=optimizer,
                                        extra_tensors=extra, state=state, keep_last=self.config.run.keep_last)
             except OSError as err:  # disk full, quota: the half-written folder is gone, the previous one intact
                 previous = latest_checkpoint(self.run_dir)
@@ -350,17 +374,14 @@ class Trainer:
                                     "start over with --no-resume, or pick another run.output_dir.")
             if self.dist.is_main:
                 self._write(f"warning: resuming {path} with a changed recipe (--resume-changed):\n  {listed}")
-        with torch.no_grad():
-            for name, p in self.params.items():
-                p.copy_(params[name])
-        self.optimizer.load_state_dict(optimizer)
+        self._load_weights(params, optimizer)
         self.scheduler.load_state_dict(state["scheduler"])
         self.source.load_state_dict(state["source"])
         self._load_process_state(state, extra)
         if self.eval_reward is not None and self.eval_reward is not self.reward:
             self.eval_reward.load_state_dict(state.get("eval_reward", {}))
         if self.ema is not None:
-            self.ema = {n: extra[f"ema.{n}"].clone() for n in self.params}
+            self.ema = {n: sharding.shard_like(extra[f"ema.{n}"], p).clone() for n, p in self.params.items()}
         self.objective.load_state_tensors({k.removeprefix("objective."): t for k, t in extra.items()
                                            if k.startswith("objective.")}, self.adapter)
         self.iteration = int(state["iteration"])
@@ -369,12 +390,24 @@ class Trainer:
         self.early_stop = dict(state.get("early_stop", self.early_stop))
         self.skipped_steps = int(state.get("skipped_steps", 0))
         self.precision.load_state_dict(state.get("precision", {}))
-        best = {n: extra[f"best.{n}"].clone() for n in self.params if f"best.{n}" in extra}
+        best = {n: sharding.shard_like(extra[f"best.{n}"], p).clone() for n, p in self.params.items()
+                if f"best.{n}" in extra}
         self.best_params = best or None
         rows = truncate_metrics(self.run_dir, self.iteration) if self.dist.is_main else None
         rows = self.dist.broadcast_object(rows)
         self.history = [r for r in rows if "lr" in r]  # iteration rows (evaluation-only rows have no lr)
         return True
+
+    def _load_weights(self, params: dict[str, torch.Tensor], optimizer: dict[str, Any]) -> None:
+        """A checkpoint's trainable weights and optimizer state (full tensors; sharded into place under FSDP)."""
+        if self.fsdp is not None:
+            sharding.load_full_model_state(self.adapter.denoiser, {n: params[n] for n in self.params})
+            sharding.load_full_optimizer_state(self.adapter.denoiser, self.optimizer, optimizer, list(self.params))
+            return
+        with torch.no_grad():
+            for name, p in self.params.items():
+                p.copy_(params[name])
+        self.optimizer.load_state_dict(optimizer)
 
     def _load_process_state(self, state: dict[str, Any], extra: dict[str, torch.Tensor]) -> None:
         """This process's RNG and reward-transform state from a checkpoint (process 0's when it was written by
@@ -422,6 +455,7 @@ class Trainer:
             self.first_eval = self.evaluate()
             if self.first_eval:
                 self.logger.log(self.iteration, self.first_eval)
+            if self.evaluator.active:  # on every process: the main one broadcasts its verdict
                 self._track_early_stop(self.first_eval)
         self.bar = tqdm(total=r.iterations, initial=self.iteration, disable=not (r.progress and main), unit="it",
                         dynamic_ncols=True)
@@ -450,11 +484,10 @@ class Trainer:
         self._check_replicas()
         final_eval = self.evaluate()
         summary = self._summary(self.history, self.first_eval, final_eval)
+        self._save_final()
         if main:
             if final_eval:
                 self.logger.log(self.iteration, final_eval)
-            with self._final_weights():
-                self.adapter.save(self.run_dir / "final")
             (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
             self.logger.close()
         self.dist.wait()
@@ -489,10 +522,21 @@ class Trainer:
         with self._swapped(self.best_params):
             yield
 
+    def _save_final(self) -> None:
+        """Write ``final/`` from the main process (sharded: from the full weights every process gathers)."""
+        with self._final_weights():
+            if self.fsdp is not None:
+                full = sharding.full_model_state(self.adapter.denoiser, list(self.params))
+                if self.dist.is_main:
+                    sharding.save_full_pipeline(self.adapter, full, self.run_dir / "final")
+            elif self.dist.is_main:
+                self.adapter.save(self.run_dir / "final")
+
     def _check_replicas(self) -> None:
         """Raise when the processes' trainable weights differ (gradients were not synchronised): the main
-        process saves its own copy, and a silent divergence would make that copy one of several models."""
-        if not self.dist.multi:
+        process saves its own copy, and a silent divergence would make that copy one of several models.
+        Sharded weights have no replicas to compare."""
+        if not self.dist.multi or self.fsdp is not None:
             return
         with torch.no_grad():
             sums = torch.stack([p.detach().double().sum() for p in self.params.values()]).cpu()

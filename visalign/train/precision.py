@@ -17,7 +17,8 @@ gradient is multiplied by the current scale on its way back into the float16 net
 backward (and PRDP's second pass) is scaled, and :meth:`Precision.step` unscales before clipping, skips a step whose
 gradient overflowed, and adapts the scale. The float32 cast of the output is exact, so the values are unchanged.
 
-A launch setting the loop cannot honour is refused with a message, never ignored (:data:`LAUNCH_SETTINGS`).
+A launch setting the loop cannot honour is refused with a message, never ignored (:data:`LAUNCH_SETTINGS`; FSDP's
+settings in ``visalign/train/sharding.py``).
 """
 
 from __future__ import annotations
@@ -39,9 +40,6 @@ LAUNCH_SETTINGS: dict[str, tuple[Callable[[str], bool], str]] = {
     "ACCELERATE_USE_DEEPSPEED": (lambda v: v.lower() == "true",
                                  "DeepSpeed is not used by this loop (it synchronises gradients itself); launch "
                                  "without --use_deepspeed"),
-    "ACCELERATE_USE_FSDP": (lambda v: v.lower() == "true",
-                            "FSDP through accelerate is not wired into this loop; LoRA runs use the all-reduce "
-                            "data-parallel path: launch without --use_fsdp"),
     "ACCELERATE_USE_MEGATRON_LM": (lambda v: v.lower() == "true", "Megatron-LM is not supported; launch without it"),
     "ACCELERATE_USE_PARALLELISM_CONFIG": (lambda v: v.lower() == "true",
                                           "tensor/context parallelism is not supported; launch without it"),
@@ -148,17 +146,17 @@ class Precision:
         """Unscale (fp16), clip to ``max_norm`` (0 = off), step unless the gradient overflowed; the pre-clip norm."""
         limit = max_norm if max_norm > 0 else float("inf")
         if self.scaler is None:
-            norm = torch.nn.utils.clip_grad_norm_(params, limit)
+            norm = _clip(params, limit)
             optimizer.step()
-            return float(norm)
+            return norm
         self.scaler.unscale_(optimizer)
-        norm = torch.nn.utils.clip_grad_norm_(params, limit)
+        norm = _clip(params, limit)
         before = self.scaler.get_scale()
         self.scaler.step(optimizer)  # skipped when an unscaled gradient is inf/NaN
         self.scaler.update()
         self.last_skipped = self.scaler.get_scale() < before
         self.skipped += int(self.last_skipped)
-        return float(norm)
+        return norm
 
     def metrics(self) -> dict[str, float]:
         if self.scaler is None:
@@ -173,6 +171,21 @@ class Precision:
             state = dict(state)
             self.skipped = int(state.pop("skipped", 0))
             self.scaler.load_state_dict(state)
+
+
+def _clip(params: list[Tensor], limit: float) -> float:
+    """Clip the gradients of ``params`` to a global norm of ``limit``; the pre-clip norm.
+
+    Sharded (FSDP ``DTensor``) gradients give a partial norm per process: it is reduced to the global one
+    (``full_tensor``) before the clip coefficient is taken, so every process scales its shard alike.
+    """
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads or not hasattr(grads[0], "full_tensor"):
+        return float(torch.nn.utils.clip_grad_norm_(params, limit))
+    norm = torch.nn.utils.get_total_norm(grads)
+    norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+    torch.nn.utils.clip_grads_with_norm_(params, limit, norm)
+    return float(norm)
 
 
 def _map_first_tensor(out: Any, fn: Callable[[Tensor], Tensor]) -> Any:
