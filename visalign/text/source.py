@@ -21,8 +21,7 @@ from visalign.text.batches import TextOnlineBatch
 from visalign.text.rollout import TextRollout
 from visalign.train.diagnostics import CollapseMonitor
 from visalign.train.distributed import gather_reward_metrics
-from visalign.train.prompts import PromptStream, read_prompt_table
-from visalign.train.sources.base import ExperienceSource, SourceContext
+from visalign.train.sources.base import ExperienceSource, SourceContext, prompt_stream
 from visalign.train.sources.online import TrainingError
 
 
@@ -44,13 +43,7 @@ class TextOnlineSource(ExperienceSource):
 
     def __init__(self, ctx: SourceContext, needs: frozenset[str]) -> None:
         super().__init__(ctx, needs)
-        s = ctx.config.sample
-        prompts, metadata = read_prompt_table(s.prompts)
-        self.prompts = PromptStream(prompts, seed=ctx.config.run.seed, metadata=metadata)
-        if s.prompts_per_step > len(self.prompts.prompts):
-            raise ValueError(f"sample.prompts_per_step is {s.prompts_per_step} but {s.prompts} has only "
-                             f"{len(self.prompts.prompts)} distinct prompts (a step draws distinct prompts, one group "
-                             "each); lower sample.prompts_per_step or add prompts.")
+        self.prompts = prompt_stream(ctx)
         if ctx.reward is None:
             raise ValueError("The text-online source scores its completions: reward.terms is empty.")
         self.reward = ctx.reward

@@ -21,6 +21,7 @@ from torch import Tensor
 
 from visalign.train.config import TrainConfig
 from visalign.train.distributed import Distributed
+from visalign.train.prompts import PromptStream, read_prompt_table
 
 
 @dataclass
@@ -107,3 +108,16 @@ class ExperienceSource:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore :meth:`state_dict`."""
+
+
+def prompt_stream(ctx: SourceContext) -> PromptStream:
+    """The run's seeded prompt stream of ``sample.prompts``; refuses a step that wants more distinct prompts than the
+    table has (a step draws distinct prompts, one group each)."""
+    s = ctx.config.sample
+    prompts, metadata = read_prompt_table(s.prompts)
+    stream = PromptStream(prompts, seed=ctx.config.run.seed, metadata=metadata)
+    if s.prompts_per_step > len(stream.prompts):
+        raise ValueError(f"sample.prompts_per_step is {s.prompts_per_step} but {s.prompts} has only "
+                         f"{len(stream.prompts)} distinct prompts (a step draws distinct prompts, one group "
+                         "each); lower sample.prompts_per_step or add prompts.")
+    return stream

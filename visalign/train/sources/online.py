@@ -22,8 +22,7 @@ from visalign.scorers import ScoreBatch
 from visalign.train.diagnostics import CollapseMonitor, group_diversity
 from visalign.train.distributed import gather_reward_metrics
 from visalign.train.faults import ScorerRetry
-from visalign.train.prompts import PromptStream, read_prompt_table
-from visalign.train.sources.base import ExperienceSource, SourceContext
+from visalign.train.sources.base import ExperienceSource, SourceContext, prompt_stream
 
 
 class TrainingError(RuntimeError):
@@ -39,13 +38,7 @@ class OnlineSource(ExperienceSource):
 
     def __init__(self, ctx: SourceContext, needs: frozenset[str]) -> None:
         super().__init__(ctx, needs)
-        s = ctx.config.sample
-        prompts, metadata = read_prompt_table(s.prompts)
-        self.prompts = PromptStream(prompts, seed=ctx.config.run.seed, metadata=metadata)
-        if s.prompts_per_step > len(self.prompts.prompts):
-            raise ValueError(f"sample.prompts_per_step is {s.prompts_per_step} but {s.prompts} has only "
-                             f"{len(self.prompts.prompts)} distinct prompts (a step draws distinct prompts, one group "
-                             "each); lower sample.prompts_per_step or add prompts.")
+        self.prompts = prompt_stream(ctx)
         if ctx.reward is None:
             raise ValueError("The online source scores its samples: reward.terms is empty.")
         self.reward = ctx.reward

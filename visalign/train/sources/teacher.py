@@ -29,8 +29,7 @@ from visalign.generators.consistency import (
 from visalign.generators.rollout import per_sample_seeds, uses_cfg
 from visalign.objectives.batches import TeacherBatch
 from visalign.objectives.common import FrozenWeights
-from visalign.train.prompts import PromptStream, read_prompt_table
-from visalign.train.sources.base import ExperienceSource, SourceContext
+from visalign.train.sources.base import ExperienceSource, SourceContext, prompt_stream
 
 
 class TeacherSource(ExperienceSource):
@@ -42,13 +41,7 @@ class TeacherSource(ExperienceSource):
 
     def __init__(self, ctx: SourceContext, needs: frozenset[str]) -> None:
         super().__init__(ctx, needs)
-        s = ctx.config.sample
-        prompts, metadata = read_prompt_table(s.prompts)
-        self.prompts = PromptStream(prompts, seed=ctx.config.run.seed, metadata=metadata)
-        if s.prompts_per_step > len(self.prompts.prompts):
-            raise ValueError(f"sample.prompts_per_step is {s.prompts_per_step} but {s.prompts} has only "
-                             f"{len(self.prompts.prompts)} distinct prompts; lower sample.prompts_per_step or add "
-                             "prompts.")
+        self.prompts = prompt_stream(ctx)
         self.frozen: FrozenWeights | None = None
         self.schedule: StudentSchedule | None = None
         self.timings: dict[str, float] = {}
