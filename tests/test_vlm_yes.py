@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from visalign.scorers import ScoreBatch, WeightsUnavailableError, get_scorer
-from visalign.scorers.vlm_yes import answer_token_ids, sample_frames
+from visalign.scorers.vlm_answer import answer_token_ids
+from visalign.scorers.vlm_yes import sample_frames
 
 FAMILY_CARDS = {"qwen2-vl": "vqascore-qwen2-vl-2b", "qwen2.5-vl": "vqascore-qwen2.5-vl-3b",
                 "llava": "vqascore-llava-1.5-7b", "idefics3": "vqascore-smolvlm"}

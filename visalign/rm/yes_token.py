@@ -24,7 +24,8 @@ from tqdm import tqdm
 from visalign.rm.losses import LOSSES, LossParams, PairRewards, RmLoss, check_ties, get_loss
 from visalign.rm.pairs import IndexPair, check_distinct
 from visalign.rm.verdict import pairwise_yes_no_ce_loss, yes_no_ce_loss, yes_no_log_odds
-from visalign.scorers.vlm_yes import VlmYesScorer, uncertainty_head_for
+from visalign.scorers.vlm_answer import uncertainty_head_for
+from visalign.scorers.vlm_yes import VlmYesScorer
 
 MODE_OF_KIND = {"verdict": "pointwise", "scalar": "pointwise", "gaussian": "pointwise", "pairwise-verdict": "pairwise"}
 UNCERTAINTY_FILE = "uncertainty_head.safetensors"

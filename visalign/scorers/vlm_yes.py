@@ -40,6 +40,7 @@ from torch import Tensor
 
 from visalign.scorers.base import RawScore, ScoreBatch, Scorer, WeightsUnavailableError
 from visalign.scorers.card import ScorerCard
+from visalign.scorers.vlm_answer import answer_token_ids, uncertainty_head_for
 from visalign.scorers.vlm_families import FAMILIES, VlmFamily, family_for
 from visalign.scorers.vlm_inputs import expand_placeholders, mrope_position_ids, qwen2_vl_encode
 
@@ -51,38 +52,6 @@ MODES = ("pointwise", "pairwise", "multi-question")
 SCORES = ("p_yes", "p_yes_renorm")
 VIDEO_INPUTS = ("frames", "native")
 _SENTINEL = "\u2063VISALIGN-QUESTION\u2063"  # invisible separators: never part of a real question
-
-
-def answer_token_ids(tokenizer: Any, words: list[str]) -> list[int]:
-    """The distinct single-token ids that spell any of ``words``, with and without a leading space.
-
-    ``"Yes"`` is looked up as the vocabulary entry ``Yes`` and as the encodings of ``"Yes"`` and ``" Yes"``; only
-    encodings that are exactly one token count (a variant split into pieces is not the model saying "Yes" in one
-    step). Byte-level BPE (Qwen, SmolVLM) yields ``Yes``/``ĠYes``, SentencePiece (LLaVA's Llama) ``▁Yes``.
-
-    Returns:
-        Sorted list of token ids; empty when no variant is a single token.
-    """
-    vocab = tokenizer.get_vocab()
-    ids: set[int] = set()
-    for word in words:
-        if word in vocab:
-            ids.add(int(vocab[word]))
-        for text in (word, " " + word):
-            encoded = tokenizer.encode(text, add_special_tokens=False)
-            if len(encoded) == 1:
-                ids.add(int(encoded[0]))
-    return sorted(ids)
-
-
-def uncertainty_head_for(model: Any) -> torch.nn.Linear:
-    """A zero-initialised linear head ``[D] → 1`` (log σ = 0, σ = 1 at first) on the text model's hidden size."""
-    config = model.config
-    size = int(getattr(config, "text_config", config).hidden_size)
-    head = torch.nn.Linear(size, 1)
-    torch.nn.init.zeros_(head.weight)
-    torch.nn.init.zeros_(head.bias)
-    return head
 
 
 def sample_frames(video: Tensor, num_frames: int) -> Tensor:

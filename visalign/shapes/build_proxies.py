@@ -457,7 +457,7 @@ class _YesNo:
     """Teacher-forced yes/no logits of the LLaVA proxy, through the same processor call as ``VlmYesScorer``."""
 
     def __init__(self, model: Any, processor: Any):
-        from visalign.scorers.vlm_yes import answer_token_ids
+        from visalign.scorers.vlm_answer import answer_token_ids
 
         self.model, self.processor = model, processor
         processor.tokenizer.padding_side = "left"
